@@ -1,0 +1,107 @@
+"""Benchmark the experiment core on one GPU: the default train.py against variants, same harness.
+
+    python bench/core.py                                  # default and the original script's configuration, 300 s each
+    python bench/core.py --budget 60 --only default
+    python bench/core.py --budget 30 --variant "wide: MODEL_DIM=1024 MODEL_HEADS=8" --variant "wide-fp8: fp8 MODEL_DIM=1024 MODEL_HEADS=8"
+
+Each run is `python <variant>.py` exactly as a user runs train.py: it trains for
+the budget through the harness, saves, and is scored in a fresh process on the
+whole validation split. Every run starts with an empty compile cache (cold), as
+a trial on a fresh machine would. Prints one markdown table; `--json FILE` also
+writes the rows. Needs the data prepared (python -m scheduler prepare).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from scheduler.constants import override  # noqa: E402
+
+# The single-GPU script this project started from (TimS-ml/autoresearch-x-transformers), in our harness.
+ORIGINAL = "MODEL_DIM=512 MODEL_DEPTH=6 MODEL_HEADS=8 BATCH_SIZE=4 GRADIENT_ACCUMULATE_EVERY=4 LEARNING_RATE=1e-4 MUON_LEARNING_RATE=1e-4"
+BUILTIN = {"default": "", "original": ORIGINAL}
+
+
+def parse_variant(text: str) -> tuple[str, dict, dict]:
+    """'name: [fp8|fp16] K=V ...' -> (name, constants, environment)."""
+    name, _, spec = text.partition(":")
+    constants, env = {}, {}
+    for word in spec.split():
+        if word in ("fp8", "fp16"):
+            env[f"USE_{word.upper()}"] = "1"
+        else:
+            key, _, value = word.partition("=")
+            constants[key] = ast.literal_eval(value)
+    return name.strip(), constants, env
+
+
+def run_one(name: str, constants: dict, env_extra: dict, budget: float, data_dir: Path, seed: int,
+            log_dir: Path | None) -> dict:
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    script = work / "train.py"
+    script.write_text(override((ROOT / "train.py").read_text(), **constants))
+    env = {**os.environ, **env_extra,
+           "SCHEDULER_BUDGET": str(budget), "SCHEDULER_SEED": str(seed),
+           "SCHEDULER_TRAIN_DATA": str(data_dir / "train.bin"), "SCHEDULER_OUT": str(work / "out"),
+           "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache"),  # cold compile, like a fresh trial
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("SCHEDULER_TRIAL", None)
+    started = time.time()
+    log = (log_dir or work) / f"{name}.log"
+    with open(log, "w") as out:  # streamed, so a run that hangs still leaves its output
+        code = subprocess.run([sys.executable, str(script)], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    wall = time.time() - started
+    result_file = work / "out" / "result.json"
+    if code != 0 or not result_file.exists():
+        tail = log.read_text().strip().splitlines()[-15:]
+        print(f"[{name}] failed (exit {code}):\n  " + "\n  ".join(tail), file=sys.stderr)
+        return {"name": name, "status": "failed"}
+    result = json.loads(result_file.read_text())
+    result.update(name=name, status="ok", wall_seconds=round(wall, 1), wall_minus_budget=round(wall - budget, 1))
+    print(f"[{name}] " + json.dumps(result), file=sys.stderr, flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--budget", type=float, default=300.0)
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
+    parser.add_argument("--only", default="default,original", help="built-in runs to include (comma-separated; '' for none)")
+    parser.add_argument("--variant", action="append", default=[], help="'name: [fp8|fp16] K=V ...' (repeatable)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the rows here, after each run")
+    parser.add_argument("--logs", type=Path, help="keep each run's output here as NAME.log")
+    args = parser.parse_args()
+
+    runs = [parse_variant(f"{n}: {BUILTIN[n]}") for n in filter(None, args.only.split(","))]
+    runs += [parse_variant(v) for v in args.variant]
+    rows = []
+    for name, constants, env in runs:
+        rows.append(run_one(name, constants, env, args.budget, args.data_dir, args.seed, args.logs))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+
+    print(f"\nbudget {args.budget:.0f} s, seed {args.seed}, data {args.data_dir}\n")
+    print("| run | val bpc | tokens/s | MFU % | peak MB | params M | precision | wall - budget s | eval s (scoring s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"| {r['name']} | failed | | | | | | | |")
+            continue
+        print(f"| {r['name']} | {r['val_bpc']:.4f} | {r['tokens_per_second']:,} | {r['mfu_percent']} | {r['peak_vram_mb']:.0f} "
+              f"| {r['num_params'] / 1e6:.1f} | {r['precision']} | {r['wall_minus_budget']} | {r['eval_seconds']} ({r['score_seconds']}) |")
+
+
+if __name__ == "__main__":
+    main()

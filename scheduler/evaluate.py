@@ -1,0 +1,168 @@
+"""The scoring half of the harness: bits per character of saved weights on a whole split.
+
+    python -m scheduler.evaluate CANDIDATE.py OUT_DIR [--data-dir data] [--split val] [--device cuda]
+
+Runs in a fresh process that the candidate's training code never ran in: it
+imports the candidate as a module (so its `if __name__ == "__main__":` block
+does not run), calls `build_model()`, loads OUT_DIR/model.pt and scores every
+byte of the split in fixed non-overlapping windows. The same weights give the
+same figure every time. It writes OUT_DIR/result.json (the training statistics
+plus the score) and prints the summary block of the original script.
+
+Exit codes: 0 scored; 1 the evaluation failed (the reason is the last line printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, set before torch starts
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scheduler.harness import STATS_FILE, WEIGHTS_FILE
+
+WINDOW = 1024          # bytes of context per window; windows do not overlap
+BATCH_WINDOWS = 64     # windows per forward pass
+VOCAB = 256
+RESULT_FILE = "result.json"
+FAIL_TAG = "EVAL_FAILED: "
+
+
+class EvalError(Exception):
+    """The candidate's model could not be scored; the message says why."""
+
+
+def load_candidate(path: Path) -> ModuleType:
+    """Import a candidate file as a module named `candidate` (its training block does not run)."""
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location("candidate", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "build_model", None)):
+        raise EvalError(f"{path.name} has no module-level build_model()")
+    return module
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, data: torch.Tensor, device: torch.device) -> tuple[float, int]:
+    """Bits per character of `model` over every byte of `data` after the first.
+
+    Window i feeds bytes [iW, iW+W) and predicts bytes [iW+1, iW+W+1); a shorter
+    last window covers the remainder, so every byte but the first is scored once.
+    """
+    n_targets = data.numel() - 1
+    full = n_targets // WINDOW
+    windows = data[: full * WINDOW + 1]
+    inputs = windows[:-1].view(full, WINDOW)
+    targets = windows[1:].view(full, WINDOW)
+    pieces = [(inputs[i : i + BATCH_WINDOWS], targets[i : i + BATCH_WINDOWS]) for i in range(0, full, BATCH_WINDOWS)]
+    rest = n_targets - full * WINDOW
+    if rest:
+        pieces.append((data[full * WINDOW : -1][None], data[full * WINDOW + 1 :][None]))
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    total_nats = 0.0
+    for x, y in pieces:
+        x = x.to(device, non_blocking=True).long()
+        y = y.to(device, non_blocking=True).long()
+        with autocast:
+            logits = model(x)
+        if not isinstance(logits, torch.Tensor) or logits.shape != (*x.shape, VOCAB):
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise EvalError(f"build_model()'s module returned {shape} for input {tuple(x.shape)}; expected logits {(*x.shape, VOCAB)}")
+        nats = F.cross_entropy(logits.float().view(-1, VOCAB), y.view(-1), reduction="sum")
+        total_nats += float(nats.double())
+    bpc = total_nats / n_targets / math.log(2)
+    if not math.isfinite(bpc):
+        raise EvalError(f"the score is {bpc}: the saved weights produce non-finite logits")
+    return bpc, n_targets
+
+
+def evaluate(candidate: Path, weights: Path, split_file: Path, device: torch.device) -> dict:
+    """Build the candidate's model, load its weights, and score one split file."""
+    started = time.time()
+    module = load_candidate(candidate)
+    try:
+        model = module.build_model()
+    except Exception as error:
+        raise EvalError(f"build_model() raised {type(error).__name__}: {error}") from error
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise EvalError(f"saved weights do not fit build_model()'s module: {first}") from error
+    model = model.to(device).eval()
+    data = torch.from_numpy(np.fromfile(split_file, dtype=np.uint8))
+    if device.type == "cuda":
+        data = data.to(device)
+        torch.cuda.synchronize(device)
+    t0 = time.time()
+    bpc, n = score(model, data, device)
+    return {"bpc": bpc, "bytes_scored": n, "score_seconds": round(time.time() - t0, 3),
+            "eval_seconds": round(time.time() - started, 3)}
+
+
+def format_summary(result: dict) -> str:
+    """The original script's summary block, so people and parsers find what they know."""
+
+    def fmt(key: str, spec: str) -> str:
+        value = result.get(key)
+        return "n/a" if value is None else format(value, spec)
+
+    lines = [
+        "---",
+        f"val_bpc:          {fmt('val_bpc', '.6f')}",
+        f"training_seconds: {fmt('training_seconds', '.1f')}",
+        f"total_seconds:    {fmt('total_seconds', '.1f')}",
+        f"peak_vram_mb:     {fmt('peak_vram_mb', '.1f')}",
+        f"mfu_percent:      {fmt('mfu_percent', '.2f')}",
+        f"total_tokens_M:   {result.get('total_tokens', 0) / 1e6:.1f}",
+        f"num_steps:        {result.get('num_steps', 'n/a')}",
+        f"num_params_M:     {result.get('num_params', 0) / 1e6:.1f}",
+        f"depth:            {result.get('depth', 'n/a')}",
+        f"precision:        {result.get('precision', 'n/a')}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scheduler.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("candidate", type=Path, help="the candidate's train.py")
+    parser.add_argument("out_dir", type=Path, help="folder with model.pt and train_stats.json")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    parser.add_argument("--split", choices=("val", "test"), default="val")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--started", type=float, default=None, help="wall-clock start of the whole run (for total_seconds)")
+    args = parser.parse_args(argv)
+
+    stats_path = args.out_dir / STATS_FILE
+    result = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+    try:
+        scored = evaluate(args.candidate.resolve(), args.out_dir / WEIGHTS_FILE,
+                          args.data_dir / f"{args.split}.bin", torch.device(args.device))
+    except EvalError as error:
+        print(FAIL_TAG + str(error), flush=True)
+        return 1
+    result.update({f"{args.split}_bpc": round(scored["bpc"], 6), "eval_seconds": scored["eval_seconds"],
+                   "score_seconds": scored["score_seconds"], "bytes_scored": scored["bytes_scored"]})
+    if args.started is not None:
+        result["total_seconds"] = round(time.time() - args.started, 1)
+    (args.out_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
+    print(format_summary(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""The training half of the harness: the part of an experiment a candidate cannot change.
+
+A candidate's `train.py` imports this module and trains through it:
+
+    run = harness.Run()                      # data, device, seed and budget come from the environment
+    model = build_model().to(run.device)
+    run.watch(model, seq_len=MAX_SEQ_LEN)    # parameters and FLOPs per token, for the summary
+    while not run.done():
+        batch = run.batch(BATCH_SIZE, MAX_SEQ_LEN)   # LongTensor[B, T+1], sampled on the device
+        ...forward, backward, optimizer step...
+        run.step(loss, tokens=BATCH_SIZE * MAX_SEQ_LEN)
+    run.finish(model, precision="bf16", depth=MODEL_DEPTH)
+
+The training process only ever gets the train split. `finish` saves the weights;
+scoring happens in a fresh process (scheduler/evaluate.py) that imports the
+candidate's `build_model()` and loads those weights. Run on its own
+(`python train.py`), `finish` hands the process over to that evaluation, so
+the summary block is printed as the original script printed it.
+
+Environment (set by the scheduler's trial; defaults make `python train.py` work):
+    SCHEDULER_TRAIN_DATA   path of the train split (default data/train.bin)
+    SCHEDULER_BUDGET       training seconds (default 300)
+    SCHEDULER_SEED         random seed (default 0)
+    SCHEDULER_DEVICE       cuda or cpu (default: cuda when available)
+    SCHEDULER_OUT          folder for weights and statistics (default out/)
+    SCHEDULER_TRIAL        set by the scheduler: it runs the evaluation itself
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_BUDGET = 300.0
+WARMUP_STEPS = 3          # first steps compile and autotune: they are not counted as training time
+SYNC_EVERY = 1.0          # seconds between waits for the device (clock, loss check)
+PROGRESS_EVERY = 5.0      # seconds between progress lines
+PROGRESS_TAG = "@@progress "  # the trial parses lines that start with this
+EXIT_NAN = 3              # exit code for a loss that is not finite: the trial classifies it as "nan"
+WEIGHTS_FILE = "model.pt"
+STATS_FILE = "train_stats.json"
+
+# Dense BF16 peak (no sparsity) in TFLOP/s, matched against torch.cuda.get_device_name().
+# Order matters: the first substring that matches wins.
+BF16_PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100", 989.0),   # SXM; the PCIe part is lower, matched below
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A10G", 125.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("RTX 4090", 165.0),
+    ("RTX 3090", 71.0),
+)
+H100_PCIE_TFLOPS = 756.0
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """Dense BF16 peak of a GPU by name, or None for a GPU we do not know (we do not guess)."""
+    if "H100" in device_name and "PCIe" in device_name:
+        return H100_PCIE_TFLOPS
+    for key, tflops in BF16_PEAK_TFLOPS:
+        if key in device_name:
+            return tflops
+    return None
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name, "")
+    try:
+        return float(value) if value else default
+    except ValueError:
+        sys.exit(f"harness: {name}={value!r} is not a number; unset it or give seconds, e.g. {name}=300")
+
+
+class Run:
+    """Owns the data, the clock and the saving of one training run."""
+
+    def __init__(self) -> None:
+        self.budget = _env_float("SCHEDULER_BUDGET", DEFAULT_BUDGET)
+        self.seed = int(_env_float("SCHEDULER_SEED", 0))
+        device = os.environ.get("SCHEDULER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device)
+        self.out_dir = Path(os.environ.get("SCHEDULER_OUT", "out")).resolve()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(self.seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(self.seed)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+        train_path = Path(os.environ.get("SCHEDULER_TRAIN_DATA", "data/train.bin"))
+        if not train_path.is_file():
+            sys.exit(f"harness: no train split at {train_path}; run `python -m scheduler prepare` first")
+        # One host-to-device copy; batches are then cut on the device.
+        self.train = torch.from_numpy(np.fromfile(train_path, dtype=np.uint8)).to(self.device)
+        self._generator = torch.Generator(self.device).manual_seed(self.seed)
+
+        self.num_params = 0
+        self.flops_per_token: float | None = None
+        self.steps = 0
+        self.tokens = 0
+        self.training_seconds = 0.0
+        self._timed_tokens = 0
+        self._pending_tokens = 0
+        self._last_mark: float | None = None
+        self._last_print = 0.0
+        self._loss: torch.Tensor | float = 0.0
+        self.setup_seconds = 0.0     # Run() to the first step: data, model, FLOP count, optimizer
+        self.warmup_seconds = 0.0    # the uncounted first steps: mostly compilation
+        self._started = time.time()
+        self._perf_started = time.perf_counter()
+
+    # ------------------------------------------------------------------ data
+
+    def batch(self, batch_size: int, seq_len: int) -> torch.Tensor:
+        """LongTensor[batch_size, seq_len + 1] of random windows of the train split (inputs and targets)."""
+        starts = torch.randint(
+            0, self.train.numel() - seq_len - 1, (batch_size, 1), device=self.device, generator=self._generator
+        )
+        offsets = torch.arange(seq_len + 1, device=self.device)
+        return self.train[starts + offsets].long()
+
+    # ------------------------------------------------------------------ model facts
+
+    def watch(self, model: torch.nn.Module, seq_len: int) -> None:
+        """Count parameters and measure FLOPs per token of one training step (forward + backward)."""
+        self.num_params = sum(p.numel() for p in model.parameters())
+        try:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            x = torch.zeros(1, seq_len, dtype=torch.long, device=self.device)
+            counter = FlopCounterMode(display=False)
+            with counter:
+                model(x).float().sum().backward()
+            model.zero_grad(set_to_none=True)
+            self.flops_per_token = counter.get_total_flops() / seq_len
+        except Exception as error:  # an exotic module the counter cannot follow: fall back to 6N
+            print(f"harness: FLOP count failed ({type(error).__name__}: {error}); using 6 x parameters", flush=True)
+            self.flops_per_token = 6.0 * self.num_params
+
+    # ------------------------------------------------------------------ clock
+
+    def done(self) -> bool:
+        """True once the counted training time has reached the budget."""
+        if self._last_mark is None:
+            self._last_mark = time.perf_counter()
+        if self.steps < WARMUP_STEPS or self._elapsed() < self.budget:
+            return False
+        self._sync()  # the estimate says the budget is spent: confirm with the device's real time
+        return self.training_seconds >= self.budget
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the budget spent, in [0, 1]: drives time-based learning-rate schedules."""
+        return min(self._elapsed() / self.budget, 1.0) if self.budget > 0 else 1.0
+
+    def step(self, loss: torch.Tensor | float, tokens: int) -> None:
+        """End of one optimizer step. Waits for the device only about once a second (and on the
+        first steps), so the CPU can queue the next steps while the GPU works."""
+        self.steps += 1
+        self.tokens += tokens
+        if self.steps > WARMUP_STEPS:
+            self._pending_tokens += tokens
+        self._loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
+        if self.steps <= WARMUP_STEPS or time.perf_counter() - self._last_mark >= SYNC_EVERY:
+            self._sync()
+
+    def _elapsed(self) -> float:
+        """Counted training seconds, including work queued since the last wait for the device."""
+        if self.steps <= WARMUP_STEPS:
+            return self.training_seconds
+        return self.training_seconds + time.perf_counter() - self._last_mark
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if self.steps == 1:
+            self.setup_seconds = self._last_mark - self._perf_started
+        if self.steps <= WARMUP_STEPS:
+            self.warmup_seconds += now - self._last_mark
+        else:
+            self.training_seconds += now - self._last_mark
+            self._timed_tokens += self._pending_tokens
+            self._pending_tokens = 0
+        self._last_mark = now
+
+        loss = float(self._loss)
+        if not math.isfinite(loss):
+            print(f"FAIL: loss is {loss} at step {self.steps}", flush=True)
+            sys.exit(EXIT_NAN)
+        wall = time.time()
+        if self.steps > WARMUP_STEPS and wall - self._last_print >= PROGRESS_EVERY:
+            self._last_print = wall
+            self._print_progress(loss)
+
+    def tokens_per_second(self) -> float:
+        return self._timed_tokens / self.training_seconds if self.training_seconds > 0 else 0.0
+
+    def mfu_percent(self) -> float | None:
+        if self.device.type != "cuda" or not self.flops_per_token:
+            return None
+        peak = peak_tflops(torch.cuda.get_device_name(self.device))
+        if peak is None:
+            return None
+        return 100.0 * self.flops_per_token * self.tokens_per_second() / (peak * 1e12)
+
+    def _print_progress(self, loss: float) -> None:
+        mfu = self.mfu_percent()
+        line = {
+            "step": self.steps,
+            "loss": round(loss, 5),
+            "tok_s": round(self.tokens_per_second()),
+            "mfu": None if mfu is None else round(mfu, 2),
+            "progress": round(self.progress, 4),
+            "training_seconds": round(self.training_seconds, 2),
+        }
+        print(PROGRESS_TAG + json.dumps(line), flush=True)
+
+    # ------------------------------------------------------------------ end
+
+    def finish(self, model: torch.nn.Module, **facts: object) -> None:
+        """Save the weights and the run's statistics; outside the scheduler, go on to evaluate them.
+
+        `facts` are extra summary fields the candidate knows best (precision, depth, ...).
+        """
+        self._sync()
+        model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+        weights = self.out_dir / WEIGHTS_FILE
+        torch.save(model.state_dict(), weights.with_suffix(".tmp"))
+        os.replace(weights.with_suffix(".tmp"), weights)
+
+        peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else 0.0
+        mfu = self.mfu_percent()
+        stats = {
+            "training_seconds": round(self.training_seconds, 3),
+            "train_wall_seconds": round(time.time() - self._started, 3),
+            "setup_seconds": round(self.setup_seconds, 3),
+            "warmup_seconds": round(self.warmup_seconds, 3),
+            "peak_vram_mb": round(peak_mb, 1),
+            "mfu_percent": None if mfu is None else round(mfu, 2),
+            "total_tokens": self.tokens,
+            "tokens_per_second": round(self.tokens_per_second()),
+            "num_steps": self.steps,
+            "num_params": self.num_params,
+            "flops_per_token": self.flops_per_token,
+            "gpu_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "seed": self.seed,
+            "budget": self.budget,
+            **facts,
+        }
+        (self.out_dir / STATS_FILE).write_text(json.dumps(stats, indent=2))
+        print(f"harness: saved {weights} after {self.steps} steps, {self.training_seconds:.1f} s of training", flush=True)
+
+        if not os.environ.get("SCHEDULER_TRIAL"):
+            self._evaluate_here()
+
+    def _evaluate_here(self) -> None:
+        """Replace this process by the evaluation, so the training code's state is gone when scoring."""
+        candidate = os.path.abspath(sys.modules["__main__"].__file__)
+        train_path = Path(os.environ.get("SCHEDULER_TRAIN_DATA", "data/train.bin")).resolve()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(
+            sys.executable,
+            [sys.executable, "-m", "scheduler.evaluate", candidate, str(self.out_dir),
+             "--data-dir", str(train_path.parent), "--device", self.device.type,
+             "--started", str(self._started)],
+        )

@@ -1,0 +1,136 @@
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/ holds scripts, not a package
+import selection_sim as sim  # noqa: E402  (it puts the repo root on the path too)
+
+from scheduler.promotion import PromotionRule, RuleConfig, Verdict, t_quantile  # noqa: E402
+
+H100 = "NVIDIA H100 80GB HBM3"
+A100 = "NVIDIA A100-SXM4-80GB"
+BASELINE = [1.000, 1.010, 0.990, 1.004, 0.996]  # mean 1.000, sd ~0.008
+
+
+def rule_with_baseline(gpu: str = H100, **config) -> PromotionRule:
+    rule = PromotionRule(RuleConfig(**config))
+    for s in BASELINE:
+        rule.add_baseline_score(gpu, s)
+    return rule
+
+
+def test_state_round_trip():
+    rule = rule_with_baseline()
+    rule.add_baseline_score(A100, 1.1)
+    rule.add_within_variance(H100, [0.99, 1.01, 1.0])
+    state = json.loads(json.dumps(rule.to_dict()))  # as the actor stores it
+    restored = PromotionRule(rule.config, state=state)
+    assert restored.to_dict() == rule.to_dict()
+    assert restored.sigma(H100) == rule.sigma(H100)
+    assert restored.judge(H100, [0.98, 0.985]) == rule.judge(H100, [0.98, 0.985])
+
+
+def test_pending_without_baseline_score():
+    rule = rule_with_baseline(H100)
+    j = rule.judge(A100, [0.9])
+    assert j.verdict is Verdict.PENDING and j.n_baseline == 0 and math.isnan(j.baseline_mean)
+    assert rule.wants_control(0, gpu_idle=False, gpu=A100)
+
+
+def test_candidate_equal_to_baseline_is_not_promoted():
+    rule = rule_with_baseline()
+    verdicts = [rule.judge(H100, BASELINE[:n]).verdict for n in range(1, len(BASELINE) + 1)]
+    assert Verdict.PROMOTE not in verdicts
+    assert verdicts[0] is Verdict.REJECT  # the first score does not screen
+
+
+def test_clearly_better_candidate_is_promoted():
+    rule = rule_with_baseline()
+    first = rule.judge(H100, [0.95])
+    assert first.verdict is Verdict.CONFIRM and first.reruns == rule.config.confirmations
+    scores = [0.95, 0.945, 0.955]
+    j = rule.judge(H100, scores)
+    assert j.verdict is Verdict.PROMOTE and j.threshold < 0.05 - 0.01
+    rule.promote(H100, scores)
+    assert rule.baseline_scores(H100) == scores
+
+
+def test_screened_candidate_that_falls_back_is_rejected_early():
+    rule = rule_with_baseline()
+    assert rule.judge(H100, [0.98]).verdict is Verdict.CONFIRM
+    j = rule.judge(H100, [0.98, 1.02])  # mean 1.0: no longer beats the margin
+    assert j.verdict is Verdict.REJECT and "early" in j.reason
+
+
+def test_undecided_candidate_gets_single_reruns_up_to_max_runs():
+    rule = rule_with_baseline(max_runs=5)
+    scores = [0.989] * 3  # gain 0.011: above the margin, below the threshold
+    assert rule.judge(H100, scores[:2]).verdict is Verdict.PENDING  # the second queued rerun is still out
+    j = rule.judge(H100, scores)
+    assert (j.verdict, j.reruns) == (Verdict.CONFIRM, 1)
+    assert rule.judge(H100, [0.989] * 5).verdict is Verdict.REJECT
+
+
+def test_gpu_types_are_separate():
+    rule = rule_with_baseline(H100)
+    rule.add_baseline_score(A100, 1.2)  # another GPU type scores differently
+    assert rule.judge(A100, [1.1]).baseline_mean == 1.2
+    assert rule.judge(H100, [1.1]).verdict is Verdict.REJECT
+    rule.promote(H100, [0.95, 0.95, 0.95])
+    assert rule.baseline_scores(A100) == []  # the new baseline must be measured there
+    assert rule.judge(A100, [1.1]).verdict is Verdict.PENDING
+    # the old baselines' spread still counts towards sigma
+    assert rule.sigma(H100) != RuleConfig().prior_sigma
+
+
+def test_sigma_pools_prior_and_reruns():
+    rule = PromotionRule(RuleConfig(prior_sigma=0.01, prior_weight=4))
+    assert rule.sigma(H100) == pytest.approx(0.01)
+    for s in (1.0, 1.02, 0.98, 1.0, 1.0):  # sample variance 2e-4 with 4 df
+        rule.add_baseline_score(H100, s)
+    assert rule.sigma(H100) == pytest.approx(math.sqrt((4 * 1e-4 + 4 * 2e-4) / 8))
+
+
+def test_greedy_promotes_on_one_lower_score():
+    rule = rule_with_baseline(policy="greedy")
+    j = rule.judge(H100, [0.9999])
+    assert j.verdict is Verdict.PROMOTE and j.reruns == 0
+    assert rule.judge(H100, [1.0001]).verdict is Verdict.REJECT
+
+
+def test_wants_control():
+    rule = rule_with_baseline(control_every=10, min_baseline_runs=5)
+    assert not rule.wants_control(9, gpu_idle=False, gpu=H100)
+    assert rule.wants_control(10, gpu_idle=False, gpu=H100)
+    assert rule.wants_control(0, gpu_idle=True)
+    rule.promote(H100, [0.95, 0.95, 0.95])  # three scores: top up to five
+    assert rule.wants_control(0, gpu_idle=False, gpu=H100)
+
+
+@pytest.mark.parametrize("p", [0.9, 0.95, 0.99])
+@pytest.mark.parametrize("df", [3, 4, 8, 30, 200])
+def test_t_quantile_matches_scipy(p, df):
+    stats = pytest.importorskip("scipy.stats")
+    assert t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), rel=4e-3)
+
+
+@pytest.fixture(scope="module")
+def simulated() -> dict[str, dict[str, float]]:
+    return sim.compare()  # fixed seeds 0..SEEDS-1, about 1 s
+
+
+def test_simulation_bars(simulated):
+    s = simulated["noise-aware"]
+    assert s["false_pct"] <= sim.MAX_FALSE_PCT
+    assert s["big_found_pct"] >= sim.MIN_BIG_FOUND_PCT
+    assert s["rerun_pct"] <= sim.MAX_RERUN_PCT
+
+
+@pytest.mark.xfail(strict=True, reason="not met: at <= 30% reruns the noise-aware rule misses too many "
+                   "small and mid gains; greedy's neutral false promotions cost it nothing")
+def test_simulation_final_gain_above_greedy(simulated):
+    greedy = max(s["final_gain"] for name, s in simulated.items() if name.startswith("greedy"))
+    assert simulated["noise-aware"]["final_gain"] > greedy
