@@ -131,6 +131,10 @@ class PromotionRule:
         # (past baselines, multi-run candidates): their noise evidence outlives them
         self._noise: dict[str, list] = {g: list(v) for g, v in state.get("noise", {}).items()}
 
+    def gpus(self) -> list[str]:
+        """GPU types on which the current baseline has scores."""
+        return [g for g, s in self._baselines.items() if s]
+
     def baseline_scores(self, gpu: str) -> list[float]:
         return list(self._baselines.get(gpu, []))
 

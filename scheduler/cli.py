@@ -1,0 +1,324 @@
+"""python -m scheduler COMMAND: the commands people and agents run.
+
+    prepare [--from PATH]                    get enwik8 (or your corpus) into data/
+    launch --gpus all                        run every candidate, one GPU each (see launch --help)
+    submit FILE --agent NAME -m "what"       queue a train.py variant; prints its candidate id
+    wait ID [--timeout S]                    block until it has a result; print it
+    results [--agent A] [--status S] [--top N]
+    status                                   queue, running trials, baseline
+    show ID                                  metadata, result rows, the end of its log
+    stop [--now]                             drain (or stop trials now)
+    baseline                                 the current baseline, its score ± σ, its lineage
+    report [--out DIR]                       progress.png and summary.md
+
+Every command that prints data takes --json. Exit codes: 0 success; 1 the
+candidate failed or was rejected (wait); 2 bad input or nothing to act on;
+3 timed out (wait).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from scheduler import control, intake, queue, results
+from scheduler.layout import Layout, baseline_id, sha256_bytes
+
+OK, FAILED, BAD_INPUT, TIMEOUT = 0, 1, 2, 3
+ROW_COLUMNS = ["trial_id", "candidate_id", "kind", "agent", "status", "val_bpc", "training_seconds",
+               "tokens", "mfu_percent", "gpu_id", "description", "reason"]
+
+
+def fail(message: str, code: int = BAD_INPUT) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _clean(value):
+    """JSON-safe value: NaN -> null, timestamps -> ISO text."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if hasattr(value, "isoformat"):
+        return None if str(value) == "NaT" else value.isoformat()
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def rows_as_dicts(frame) -> list[dict]:
+    return [{k: _clean(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    def cell(value) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4f}" if abs(value) < 100 else f"{value:,.0f}"
+        return str(value).replace("\n", " ")[:60]
+
+    table = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in table]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def current_baseline(layout: Layout) -> str:
+    state = json.loads(layout.selection_state.read_text()) if layout.selection_state.exists() else {}
+    if state.get("baseline_sha"):
+        return baseline_id(state["baseline_sha"])
+    return baseline_id(sha256_bytes(layout.baseline.read_bytes())) if layout.baseline.exists() else baseline_id(None)
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+
+def cmd_prepare(args, layout: Layout) -> int:
+    from scheduler.prepare import PrepareError, prepare
+
+    try:
+        meta = prepare(layout.data, source=args.source, force=args.force)
+    except PrepareError as error:
+        return fail(str(error))
+    print(json.dumps(meta, indent=2) if args.json else f"data ready in {layout.data} ({meta.get('corpus')}, "
+          f"{meta.get('size', 0):,} bytes)")
+    return OK
+
+
+def cmd_launch(args, layout: Layout) -> int:
+    from scheduler.launch import LaunchError, LaunchOptions, launch
+    from scheduler.prepare import PrepareError
+
+    rule = {"policy": args.promotion, "min_delta": args.min_delta, "confirmations": args.confirmations,
+            "control_every": args.control_every}
+    opts = LaunchOptions(root=layout.root, data_dir=layout.data, gpus=args.gpus, budget=args.budget,
+                         address=args.address, exit_when_idle=args.exit_when_idle, pretend_gpus=args.pretend_gpus,
+                         device=args.device, dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host,
+                         startup_allowance=args.startup_allowance, rule=rule, git_commit=args.git_commit)
+    try:
+        return launch(opts)
+    except (LaunchError, PrepareError) as error:
+        return fail(str(error))
+
+
+def cmd_submit(args, layout: Layout) -> int:
+    parent = args.parent or current_baseline(layout)
+    try:
+        candidate_id = intake.submit(layout, Path(args.file), args.agent, args.message, parent)
+    except intake.SubmitError as error:
+        return fail(str(error))
+    print(json.dumps({"candidate_id": candidate_id, "parent": parent}) if args.json else candidate_id)
+    return OK
+
+
+def _rows_of(layout: Layout, candidate_id: str) -> list[dict]:
+    frame = results.read_trials(layout.results)
+    return rows_as_dicts(frame[frame["candidate_id"] == candidate_id])
+
+
+def cmd_wait(args, layout: Layout) -> int:
+    deadline = time.monotonic() + args.timeout if args.timeout else math.inf
+    last_note = ""
+    while True:
+        rows = [r for r in _rows_of(layout, args.id) if r["kind"] == "candidate"]
+        if rows:
+            row = rows[-1]
+            print(json.dumps(row) if args.json else
+                  f"{row['candidate_id']}: {row['status']}"
+                  + (f" val_bpc {row['val_bpc']:.4f}" if row.get("val_bpc") is not None else f" ({row['reason']})"))
+            return OK if row["status"] == "ok" else FAILED
+        live = sorted(layout.live.glob(f"{args.id}-*.json")) if layout.live.is_dir() else []
+        note = "queued" if not live else _progress_line(json.loads(live[0].read_text()))
+        if note != last_note and not args.json:
+            print(f"{args.id}: {note}", file=sys.stderr)
+            last_note = note
+        if time.monotonic() > deadline:
+            return fail(f"no result for {args.id} within {args.timeout:.0f} s; it is {note}", TIMEOUT)
+        time.sleep(1.0)
+
+
+def _progress_line(live: dict) -> str:
+    if "step" not in live:
+        return live.get("phase", "starting")
+    return (f"{live.get('phase', 'train')} step {live['step']} loss {live.get('loss', float('nan')):.4f} "
+            f"{100 * live.get('progress', 0):.0f}% {live.get('tok_s', 0):,} tok/s")
+
+
+def cmd_results(args, layout: Layout) -> int:
+    frame = results.read_trials(layout.results)
+    if args.agent:
+        frame = frame[frame["agent"] == args.agent]
+    if args.status:
+        frame = frame[frame["status"] == args.status]
+    if args.top:
+        frame = frame[frame["val_bpc"].notna()].sort_values("val_bpc").head(args.top)
+    rows = rows_as_dicts(frame)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print_table(rows, ROW_COLUMNS)
+    return OK
+
+
+def cmd_status(args, layout: Layout) -> int:
+    running = []
+    for entry in queue.running(layout):
+        path = layout.live / f"{entry.trial_id}.json"
+        live = json.loads(path.read_text()) if path.exists() else {}
+        running.append({"trial_id": entry.trial_id, "agent": entry.agent, "kind": entry.kind,
+                        "elapsed": round(time.time() - live["started"], 1) if "started" in live else None,
+                        "progress": _progress_line(live) if live else "starting", **{k: live.get(k) for k in ("loss", "step")}})
+    state = {"baseline": current_baseline(layout),
+             "queued": [{"trial_id": e.trial_id, "agent": e.agent, "kind": e.kind} for e in queue.pending(layout)],
+             "running": running, "draining": control.drain_requested(layout)}
+    if args.json:
+        print(json.dumps(state))
+        return OK
+    print(f"baseline {state['baseline']}; {len(state['queued'])} queued, {len(running)} running"
+          + (" (draining)" if state["draining"] else ""))
+    for r in running:
+        print(f"  running {r['trial_id']} ({r['kind']}, {r['agent'] or '-'}) {r['elapsed'] or 0:.0f}s: {r['progress']}")
+    for q in state["queued"][:20]:
+        print(f"  queued  {q['trial_id']} ({q['kind']}, {q['agent'] or '-'})")
+    return OK
+
+
+def cmd_show(args, layout: Layout) -> int:
+    rows = _rows_of(layout, args.id)
+    queued = [vars(e) for e in queue.pending(layout) + queue.running(layout) if e.candidate_id == args.id]
+    if not rows and not queued:
+        return fail(f"no candidate {args.id}: see `python -m scheduler results` for the ids")
+    logs = {}
+    for row in rows:
+        log = layout.runs / row["trial_id"] / "log.txt"
+        if log.exists():
+            logs[row["trial_id"]] = log.read_text(errors="replace").splitlines()[-args.lines:]
+    if args.json:
+        print(json.dumps({"rows": rows, "queued": queued, "log_tail": logs}))
+        return OK
+    for row in rows:
+        print(json.dumps(row, indent=2))
+    for q in queued:
+        print(f"queued or running: {q['trial_id']} ({q['kind']})")
+    for trial_id, lines in logs.items():
+        print(f"--- last lines of {trial_id}'s log ---")
+        print("\n".join(lines))
+    return OK
+
+
+def cmd_stop(args, layout: Layout) -> int:
+    control.request(layout, control.STOP_NOW if args.now else control.DRAIN)
+    print("stop requested: " + ("running trials are stopped now" if args.now else
+                                "running trials finish, no new ones start"))
+    return OK
+
+
+def cmd_baseline(args, layout: Layout) -> int:
+    state = json.loads(layout.selection_state.read_text()) if layout.selection_state.exists() else {}
+    from scheduler.promotion import PromotionRule, RuleConfig
+
+    rule = PromotionRule(RuleConfig(**state.get("rule_config", {})), state.get("rule"))
+    promotions = rows_as_dicts(results.read_promotions(layout.results))
+    info = {"baseline": current_baseline(layout), "file": str(layout.baseline),
+            "scores": {g: {"mean": sum(s) / len(s), "n": len(s), "sigma": rule.sigma(g)}
+                       for g in rule.gpus() for s in [rule.baseline_scores(g)]},
+            "lineage": promotions}
+    if args.json:
+        print(json.dumps(info))
+        return OK
+    print(f"baseline {info['baseline']} ({info['file']})")
+    for gpu, s in info["scores"].items():
+        print(f"  {gpu}: val bpc {s['mean']:.4f} ± {s['sigma']:.4f} (n={s['n']})")
+    if not info["scores"]:
+        print("  not scored yet")
+    for p in promotions:
+        print(f"  {p['promoted_at'][:19]} {p['candidate_id']} ({p['agent']}): {p['description']} "
+              f"gain {p['gain']:.4f} (n={p['n_candidate']}, σ {p['sigma']:.4f})")
+    return OK
+
+
+def cmd_report(args, layout: Layout) -> int:
+    from scheduler.report import write_report
+
+    made = write_report(layout.results, Path(args.out) if args.out else None)
+    print(json.dumps(made, default=str) if args.json else f"wrote {made['png']} and {made['summary']}")
+    return OK
+
+
+# ---------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m scheduler", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--root", default=".", help="folder with train.py, candidates/, results/ (default: here)")
+    parser.add_argument("--data", default=None, help="data folder (default: ROOT/data)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func, help_text: str, json_flag: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    p = command("prepare", cmd_prepare, "download and check enwik8, or split a local corpus, into the data folder")
+    p.add_argument("--from", dest="source", help="a local enwik8, enwik8.zip, enwik8.gz, any byte file, or a URL")
+    p.add_argument("--force", action="store_true", help="prepare again even if data is there")
+
+    p = command("launch", cmd_launch, "run every candidate as a Ray Tune trial, one GPU each", json_flag=False)
+    p.add_argument("--gpus", default="all", help="all, a count (2) or indices (0,2)")
+    p.add_argument("--budget", type=float, default=300.0, help="training seconds per trial")
+    p.add_argument("--address", help="join a Ray cluster (e.g. auto)")
+    p.add_argument("--exit-when-idle", action="store_true", help="end when nothing is queued or running")
+    p.add_argument("--pretend-gpus", type=int, default=0, help="N pretend GPUs on the CPU (with --device cpu)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--no-dashboard", action="store_true")
+    p.add_argument("--dashboard-host", default="127.0.0.1", help="listen address of the dashboard")
+    p.add_argument("--startup-allowance", type=float, default=300.0, help="seconds beyond the budget before a kill")
+    p.add_argument("--promotion", default="noise-aware", choices=("noise-aware", "greedy"))
+    p.add_argument("--min-delta", type=float, default=0.002, help="bpc a candidate must gain beyond the noise")
+    p.add_argument("--confirmations", type=int, default=2, help="reruns of a candidate that screens well")
+    p.add_argument("--control-every", type=int, default=50, help="a control run of the baseline every N trials")
+    p.add_argument("--git-commit", action="store_true", help="commit train.py on each promotion")
+
+    p = command("submit", cmd_submit, "queue a train.py variant", json_flag=True)
+    p.add_argument("file")
+    p.add_argument("--agent", required=True, help="your unique agent name")
+    p.add_argument("-m", "--message", required=True, help="what changed, in one line")
+    p.add_argument("--parent", help="the baseline id it was derived from (default: the current baseline)")
+
+    p = command("wait", cmd_wait, "block until a candidate has a result; exit 0 ok, 1 failed, 3 timeout")
+    p.add_argument("id")
+    p.add_argument("--timeout", type=float, default=0, help="seconds (default: no limit)")
+
+    p = command("results", cmd_results, "table of trials")
+    p.add_argument("--agent")
+    p.add_argument("--status")
+    p.add_argument("--top", type=int, help="the N best scored trials")
+
+    command("status", cmd_status, "queue, running trials, baseline")
+    p = command("show", cmd_show, "one candidate: rows, queue entries, the end of its log")
+    p.add_argument("id")
+    p.add_argument("--lines", type=int, default=20)
+    p = command("stop", cmd_stop, "drain: finish running trials and start no new ones", json_flag=False)
+    p.add_argument("--now", action="store_true", help="stop running trials too")
+    command("baseline", cmd_baseline, "the current baseline, its score and lineage")
+    p = command("report", cmd_report, "write progress.png and summary.md")
+    p.add_argument("--out", help="folder (default: results/report)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    layout = Layout.at(args.root, args.data)
+    return args.func(args, layout)

@@ -1,0 +1,192 @@
+"""Launch: start (or join) Ray, then run every queued candidate as a Ray Tune trial on one GPU each.
+
+    python -m scheduler launch --gpus all                    # every GPU of this machine
+    python -m scheduler launch --pretend-gpus 3 --device cpu # the same flow on the CPU (tests, laptops)
+    python -m scheduler launch --address auto                # join a running Ray cluster
+
+Ctrl-C once: drain (running trials finish, no new ones start). Twice: stop now.
+On exit no trial process is left running.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scheduler import control, prepare, queue, results
+from scheduler.layout import Layout
+from scheduler.record import say
+
+DASHBOARD_PORT = 8265
+
+
+class LaunchError(Exception):
+    """Launch cannot start; the message says why and what to do."""
+
+
+@dataclass
+class LaunchOptions:
+    root: Path = Path(".")
+    data_dir: Path | None = None
+    gpus: str = "all"                # all | N | 0,2
+    budget: float = 300.0
+    address: str | None = None
+    exit_when_idle: bool = False
+    pretend_gpus: int = 0
+    device: str = "cuda"
+    dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"
+    startup_allowance: float = 300.0  # seconds beyond the budget before a trial is killed (imports, compile)
+    eval_timeout: float = 600.0
+    rule: dict = field(default_factory=dict)
+    git_commit: bool = False
+
+
+def count_gpus() -> int:
+    """GPUs on this machine, from nvidia-smi (the driver process never initialises CUDA)."""
+    if not shutil.which("nvidia-smi"):
+        return 0
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU ")) if out.returncode == 0 else 0
+
+
+def choose_gpus(spec: str, available: int) -> list[int]:
+    """--gpus all | N | 0,2 -> the GPU indices to use."""
+    if spec == "all":
+        chosen = list(range(available))
+    elif spec.isdigit():
+        if int(spec) > available:
+            raise LaunchError(f"--gpus {spec}: this machine has {available} GPU(s)")
+        chosen = list(range(int(spec)))
+    else:
+        try:
+            chosen = sorted({int(part) for part in spec.split(",")})
+        except ValueError:
+            raise LaunchError(f"--gpus {spec!r}: give all, a count (2) or indices (0,2)") from None
+        missing = [i for i in chosen if i >= available]
+        if missing:
+            raise LaunchError(f"--gpus {spec}: no GPU {missing[0]} here ({available} GPU(s): 0..{available - 1})")
+    if not chosen:
+        raise LaunchError("no GPU found on this machine (nvidia-smi lists none). To run the same flow on the CPU, use:"
+                          " python -m scheduler launch --pretend-gpus 2 --device cpu")
+    return chosen
+
+
+def recover_interrupted(layout: Layout) -> None:
+    """Trials a dead launch was running: one `interrupted` row each, and queued again once."""
+    from scheduler.trial import kill_marked
+
+    for entry in queue.running(layout):
+        kill_marked(entry.trial_id)  # its candidate may still be running, orphaned
+        results.write_row(layout.results, {
+            "trial_id": entry.trial_id, "candidate_id": entry.candidate_id, "kind": entry.kind, "agent": entry.agent,
+            "parent": entry.parent, "description": entry.description, "source_sha256": entry.source_sha256,
+            "seed": entry.seed, "status": "interrupted", "reason": "launch stopped while this trial ran",
+            "submitted_at": results.from_unix(entry.submitted_at), "finished_at": results.now(),
+        })
+        queue.finish(layout, entry.trial_id)
+        if entry.attempt == 1:
+            entry.trial_id, entry.attempt = f"{entry.trial_id}-a2", 2
+            queue.push(layout, entry, priority=queue.URGENT)
+            say(f"{entry.candidate_id}: interrupted by the last launch, queued again once")
+
+
+def _signal_handlers(layout: Layout) -> None:
+    """First Ctrl-C drains, the second stops now (Tune's own handler can hang when idle)."""
+    def handle(signum, frame):
+        if control.drain_requested(layout):
+            control.request(layout, control.STOP_NOW)
+            say("stopping now (trials are killed)")
+        else:
+            control.request(layout, control.DRAIN)
+            say("draining: running trials finish, no new ones start; Ctrl-C again to stop now")
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+
+
+def launch(opts: LaunchOptions) -> int:
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    layout = Layout.at(opts.root, opts.data_dir)
+    if not layout.baseline.exists():
+        raise LaunchError(f"no train.py in {layout.root}: run launch in the project folder or pass --root")
+    if opts.device not in ("cuda", "cpu"):
+        raise LaunchError(f"--device {opts.device!r}: use cuda or cpu")
+    if opts.pretend_gpus and opts.device != "cpu":
+        raise LaunchError("--pretend-gpus runs trials on the CPU: add --device cpu")
+
+    import ray
+    from ray import tune
+
+    ray_init = {"include_dashboard": opts.dashboard, "dashboard_host": opts.dashboard_host,
+                "log_to_driver": False, "configure_logging": False}
+    if opts.address:
+        ray.init(address=opts.address, log_to_driver=False)
+        n_gpus = int(ray.cluster_resources().get("GPU", 0))
+        if n_gpus == 0:
+            raise LaunchError(f"the Ray cluster at {opts.address} has no GPUs")
+    elif opts.pretend_gpus:
+        n_gpus = opts.pretend_gpus
+        ray.init(num_gpus=n_gpus, **ray_init)
+    else:
+        chosen = choose_gpus(opts.gpus, count_gpus())
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, chosen))
+        n_gpus = len(chosen)
+        ray.init(num_gpus=n_gpus, **ray_init)
+
+    try:
+        if not prepare.is_prepared(layout.data):
+            say(f"no data in {layout.data}: downloading and checking enwik8 (once)")
+            prepare.prepare(layout.data)
+        layout.make()
+        control.clear(layout)
+        recover_interrupted(layout)
+
+        from scheduler.control import StopNow
+        from scheduler.record import RecordResults
+        from scheduler.search import QueueSearcher
+        from scheduler.selection import selection_actor
+        from scheduler.trial import run_trial
+
+        selection = selection_actor(str(layout.root), opts.rule, opts.git_commit)
+        info = ray.get(selection.sync_baseline.remote())
+        for note in info["notes"]:
+            say(note)
+        dashboard = ray.get_runtime_context().dashboard_url if hasattr(ray.get_runtime_context(), "dashboard_url") else None
+        say(f"{n_gpus} GPU(s){' (pretend, on the CPU)' if opts.pretend_gpus else ''}, budget {opts.budget:.0f} s, "
+            f"baseline {info['baseline']}, root {layout.root}")
+        if opts.dashboard:
+            say(f"dashboard: http://{opts.dashboard_host}:{DASHBOARD_PORT} — it asks for Ray's token: "
+                f"cat ~/.ray/auth_token (send it as 'Authorization: Bearer <token>')")
+            if opts.dashboard_host != "127.0.0.1":
+                say(f"warning: the dashboard listens on {opts.dashboard_host}, reachable from other machines")
+        settings = {"budget": opts.budget, "device": opts.device, "startup_allowance": opts.startup_allowance,
+                    "eval_timeout": opts.eval_timeout,
+                    "omp_threads": max(1, (os.cpu_count() or 1) // max(1, n_gpus))}
+        _signal_handlers(layout)
+        tuner = tune.Tuner(
+            tune.with_resources(run_trial, {"cpu": 0, "gpu": 1}),
+            tune_config=tune.TuneConfig(
+                search_alg=QueueSearcher(str(layout.root), str(layout.data), settings, opts.exit_when_idle),
+                num_samples=-1, max_concurrent_trials=n_gpus, reuse_actors=True),
+            run_config=tune.RunConfig(
+                name="scheduler", storage_path=str(layout.results / "ray"), verbose=0,
+                callbacks=[RecordResults(str(layout.root), str(layout.data))],
+                stop=StopNow(str(layout.root), str(layout.data)),
+                failure_config=tune.FailureConfig(max_failures=0)),
+        )
+        tuner.fit()
+        say("launch finished")
+        return 0
+    finally:
+        from scheduler.trial import kill_marked
+
+        for entry in queue.running(layout):
+            kill_marked(entry.trial_id)
+        ray.shutdown()

@@ -1,0 +1,68 @@
+"""Where everything lives under a launch's root folder (the current folder by default).
+
+    train.py              the baseline (replaced on promotion)
+    candidates/           drop folder: .py variants; dot-files and *.tmp / *.part are still being written
+    data/                 train.bin, val.bin, test.bin (python -m scheduler prepare)
+    results/trials/       one Parquet row per trial            results/promotions/  one per promotion
+    results/sources/      accepted candidate sources by sha256 results/rejected/    files that failed intake
+    results/queue/        queued trials (survive restarts)     results/queue/running/ trials handed to Ray
+    results/runs/ID/      a trial's working folder and log     results/live/        progress of running trials
+    results/baselines/    archived baselines                   results/control/     stop requests
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+    data: Path
+
+    @classmethod
+    def at(cls, root: Path | str = ".", data: Path | str | None = None) -> "Layout":
+        root = Path(root).resolve()
+        return cls(root=root, data=Path(data).resolve() if data else root / "data")
+
+    @property
+    def baseline(self) -> Path:
+        return self.root / "train.py"
+
+    @property
+    def candidates(self) -> Path:
+        return self.root / "candidates"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    def __getattr__(self, name: str) -> Path:
+        # results/<name> for the folders listed in the docstring
+        if name in ("sources", "rejected", "queue", "runs", "live", "baselines", "control"):
+            return self.results / name
+        raise AttributeError(name)
+
+    @property
+    def running(self) -> Path:
+        return self.results / "queue" / "running"
+
+    @property
+    def selection_state(self) -> Path:
+        return self.results / "selection.json"
+
+    def make(self) -> None:
+        for folder in (self.candidates, self.sources, self.rejected, self.running, self.runs,
+                       self.live, self.baselines, self.control):
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def baseline_id(sha: str | None) -> str:
+    """A baseline is named by its content's sha256, so any copy of the same train.py has the same id."""
+    return "base-" + sha[:12] if sha else "base-none"

@@ -1,0 +1,106 @@
+"""The Tune callback that records what trials do: live progress, the Parquet row, the selection's verdict.
+
+on_trial_result    writes results/live/<trial>.json (what `status` and `wait` show)
+on_trial_complete  sends the row to the selection actor (which may queue reruns
+                   or promote), then writes the row and clears the queue entry
+on_trial_error     the trial's worker died or the trainable raised: an
+                   `interrupted` row, and the trial is queued again once
+
+A row that cannot be written (disk full, say) is kept and retried at the next
+event; it is never dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from ray.tune import Callback
+
+from scheduler import queue, results
+from scheduler.layout import Layout
+from scheduler.selection import ACTOR_NAME
+
+ROW_FIELDS = ("trial_id", "candidate_id", "kind", "agent", "parent", "baseline", "description", "source_sha256", "seed")
+
+
+def say(message: str) -> None:
+    print(f"[scheduler] {message}", file=sys.stderr, flush=True)
+
+
+class RecordResults(Callback):
+    def __init__(self, root: str, data_dir: str) -> None:
+        self.root, self.data_dir = root, data_dir
+        self.unwritten: list[dict] = []
+
+    def _layout(self) -> Layout:
+        return Layout.at(self.root, self.data_dir)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        c = trial.config
+        self._live(c["trial_id"], {"trial_id": c["trial_id"], "candidate_id": c["candidate_id"], "kind": c["kind"],
+                                   "agent": c["agent"], "phase": "starting", "started": time.time()})
+        say(f"start {c['trial_id']} ({c['kind']}, agent {c['agent'] or '-'})")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if result.get("phase") in ("train", "eval"):
+            path = self._layout().live / f"{trial.config['trial_id']}.json"
+            live = json.loads(path.read_text()) if path.exists() else {}
+            keep = ("step", "loss", "tok_s", "mfu", "progress", "training_seconds", "phase", "elapsed")
+            live.update({k: result[k] for k in keep if k in result})
+            self._live(trial.config["trial_id"], live)
+
+    def _live(self, trial_id: str, data: dict) -> None:
+        layout = self._layout()
+        layout.live.mkdir(parents=True, exist_ok=True)
+        tmp = layout.live / f".{trial_id}.tmp"
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, layout.live / f"{trial_id}.json")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        if "result_row" not in trial.last_result:  # stopped before it finished (stop --now)
+            self._interrupted(trial, "stopped by the user before it finished")
+            return
+        row = json.loads(trial.last_result["result_row"])
+        for key in ("started_at", "finished_at", "submitted_at"):
+            row[key] = results.from_unix(row.get(key))
+        row["submitted_at"] = results.from_unix(trial.config.get("submitted_at"))
+        self._finish(row)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._interrupted(trial, f"the Ray worker running it failed: {str(trial.error_msg or '')[:300]}")
+
+    def _interrupted(self, trial, reason: str) -> None:
+        c = trial.config
+        row = {key: c[key] for key in ROW_FIELDS}
+        row.update(status="interrupted", reason=reason,
+                   submitted_at=results.from_unix(c.get("submitted_at")), finished_at=results.now())
+        self._finish(row)
+        if c.get("attempt", 1) == 1:
+            entry = queue.Entry(**{k: c[k] for k in queue.Entry.__dataclass_fields__ if k in c})
+            entry.trial_id, entry.attempt = f"{c['trial_id']}-a2", 2
+            queue.push(self._layout(), entry, priority=queue.URGENT)
+            say(f"{c['trial_id']} interrupted: queued again once as {entry.trial_id}")
+
+    def _finish(self, row: dict) -> None:
+        import ray
+
+        layout = self._layout()
+        row["stale"] = row["kind"] != "control" and bool(row.get("parent")) and row["parent"] != row.get("baseline")
+        decision = ray.get(ray.get_actor(ACTOR_NAME).record.remote(row))
+        self.unwritten.append(row)
+        self._write_rows(layout)
+        queue.finish(layout, row["trial_id"])
+        (layout.live / f"{row['trial_id']}.json").unlink(missing_ok=True)
+        score = f"{row['val_bpc']:.4f} bpc" if row.get("val_bpc") is not None else row.get("reason", "")
+        say(f"done  {row['trial_id']}: {row['status']} {score} -> {decision.get('decision')}")
+
+    def _write_rows(self, layout: Layout) -> None:
+        for row in list(self.unwritten):
+            try:
+                results.write_row(layout.results, row)
+                self.unwritten.remove(row)
+            except OSError as error:
+                say(f"could not write the result of {row['trial_id']} ({error}); kept in memory, retrying")

@@ -1,0 +1,406 @@
+"""The progress picture and the morning summary, from the Parquet results.
+
+    python -m scheduler report [--out DIR]              # results/report/progress.png and summary.md
+    python -m scheduler.report RESULTS_DIR [--out DIR]  # the same, for any results folder
+
+    from scheduler.report import write_report
+    write_report(Path("results"))  # {"png": ..., "summary": ..., "trials": 500, ...}
+
+progress.png: val bpc of every scored trial against the time it finished, one
+colour per agent (confirmation runs hollow, control runs of the baseline grey
+crosses), the baseline as a step line with a ±σ band, promotions as labelled
+stars, and failed or rejected work as ticks in a strip under the plot.
+
+summary.md: ## Lineage (every promotion), ## Agents (one row per agent),
+## Near misses (the best candidates never promoted), ## GPU busy share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import matplotlib
+import matplotlib.dates as mdates
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.text import Text
+from matplotlib.transforms import Bbox
+
+from scheduler.results import STATUSES, read_promotions, read_trials
+
+FIGSIZE = (16, 9)  # inches; at DPI this is 1600x900 px
+DPI = 100
+LABEL_CHARS = 40  # promotion labels and table descriptions are cut to this
+# Where a promotion's label may go, in points from its star, first choice first: below and left, since the
+# baseline only steps down (later stars lie to the right, earlier ones higher) and few scores lie below it.
+LABEL_SPOTS = tuple((dx, dy) for dy in (-24, -46, -68, -90) for dx in (-6, 6)) + ((-6, 26), (6, 26), (-6, 48), (6, 48))
+STAR_PX = 12  # half the size of a star, in pixels, that labels keep clear of
+NEAR_MISSES = 10
+CLIP_PERCENTILE = 95  # the y-axis ends a margin above this percentile of scores
+CLIP_MARGIN = 0.3  # of the robust range (lowest score .. percentile)
+FAILED = tuple(s for s in STATUSES if s != "ok")
+STATUS_COLOURS = {
+    "crash": "tab:red", "oom": "tab:purple", "timeout": "tab:orange", "nan": "tab:brown",
+    "eval_failed": "tab:pink", "rejected": "dimgray", "interrupted": "tab:olive",
+}
+# tab10, and tab20 for more than 8 agents, without grey (grey means control run) and olive (a status colour)
+AGENT_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:cyan")
+MANY_AGENT_COLOURS = tuple(c for i, c in enumerate(matplotlib.colormaps["tab20"].colors) if i not in (14, 15, 16, 17))
+CONTROL_COLOUR = "0.35"
+TIME_FORMAT = "%Y-%m-%d %H:%M"
+NONE = "-"  # how a missing number is written in the summary
+
+
+# ---------------------------------------------------------------------------
+# Derived data shared by the picture and the summary
+# ---------------------------------------------------------------------------
+
+def _days(times: pd.Series) -> np.ndarray:
+    """Timestamps as matplotlib date numbers (days), so plotting never depends on unit converters."""
+    return mdates.date2num(pd.to_datetime(times, utc=True).dt.tz_localize(None).to_numpy())
+
+
+def _scored(trials: pd.DataFrame) -> pd.DataFrame:
+    return trials[(trials["status"] == "ok") & trials["val_bpc"].notna()]
+
+
+def _baseline_steps(trials: pd.DataFrame, promotions: pd.DataFrame) -> pd.DataFrame:
+    """The baseline over time: one row per step (at, mean, sigma), oldest first; may be empty.
+
+    Before the first promotion the baseline is what its control runs scored then
+    (else the first promotion's old_mean); after each promotion it is that
+    promotion's new_mean and sigma.
+    """
+    scored = _scored(trials)
+    controls = scored[scored["kind"] == "control"]
+    if len(promotions):
+        controls = controls[controls["finished_at"] < promotions["promoted_at"].iloc[0]]
+    if len(controls):
+        mean0 = controls["val_bpc"].mean()
+        sigma0 = controls["val_bpc"].std() if len(controls) > 1 else math.nan
+    elif len(promotions):
+        mean0, sigma0 = promotions["old_mean"].iloc[0], math.nan
+    else:
+        mean0, sigma0 = math.nan, math.nan
+    times = pd.concat([trials["started_at"], trials["finished_at"], promotions["promoted_at"]]).dropna()
+    if times.empty or (math.isnan(mean0) and promotions.empty):
+        return pd.DataFrame({"at": pd.Series(dtype="datetime64[us, UTC]"), "mean": [], "sigma": []})
+    first = pd.DataFrame({"at": [times.min()], "mean": [mean0], "sigma": [sigma0]})
+    later = promotions[["promoted_at", "new_mean", "sigma"]].set_axis(["at", "mean", "sigma"], axis=1)
+    return pd.concat([first, later], ignore_index=True)
+
+
+def _baseline_at(steps: pd.DataFrame, times: pd.Series) -> np.ndarray:
+    """The baseline mean in force at each time (nan where there is none)."""
+    if steps.empty:
+        return np.full(len(times), math.nan)
+    index = np.searchsorted(_days(steps["at"]), _days(times), side="right") - 1
+    return steps["mean"].to_numpy()[np.clip(index, 0, None)]
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _short(text: object, limit: int = LABEL_CHARS) -> str:
+    text = "" if text is None or (isinstance(text, float) and math.isnan(text)) else " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------------------
+# progress.png
+# ---------------------------------------------------------------------------
+
+def _robust_ylim(values: np.ndarray, steps: pd.DataFrame) -> tuple[float, float]:
+    """A y-range that shows the bulk of the scores and the baseline band, not one crash-like 8.0."""
+    band = (steps["mean"] - steps["sigma"].fillna(0)).tolist() + (steps["mean"] + steps["sigma"].fillna(0)).tolist()
+    band = [b for b in band if not math.isnan(b)]
+    low = min([values.min(), *band])
+    top = max([np.percentile(values, CLIP_PERCENTILE), *band])
+    span = max(top - low, 0.01)
+    return low - 0.05 * span, min(values.max(), top + CLIP_MARGIN * span) + 0.05 * span
+
+
+def _plot_progress(trials: pd.DataFrame, promotions: pd.DataFrame, steps: pd.DataFrame, path: Path) -> None:
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    if trials.empty:
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no trials yet", ha="center", va="center", fontsize=28, color="0.4", transform=ax.transAxes)
+        ax.set_axis_off()
+        ax.set_title(f"0 trials, {_plural(len(promotions), 'promotion')}", fontsize=15)
+        fig.savefig(path, dpi=DPI)
+        return
+
+    ax, strip = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [11, 2]})
+    scored = _scored(trials)
+    # control runs are drawn grey whoever ran them, so only agents with candidates of their own get a colour
+    agents = sorted(trials.loc[trials["kind"] != "control", "agent"].fillna(NONE).unique())
+    palette = AGENT_COLOURS if len(agents) <= len(AGENT_COLOURS) else MANY_AGENT_COLOURS
+    colour = {a: palette[i % len(palette)] for i, a in enumerate(agents)}
+
+    if scored.empty:
+        ax.text(0.5, 0.5, "no scored trials yet", ha="center", va="center", fontsize=22, color="0.4",
+                transform=ax.transAxes)
+        ax.set_yticks([])
+    else:
+        bottom, top = _robust_ylim(scored["val_bpc"].to_numpy(), steps)
+        ax.set_ylim(bottom, top)
+        x, y = _days(scored["finished_at"]), scored["val_bpc"].to_numpy()
+        kind, agent = scored["kind"].to_numpy(), scored["agent"].fillna(NONE).to_numpy()
+        for a in agents:  # first runs: small translucent dots, so hundreds of them stay readable
+            m = (kind != "confirm") & (kind != "control") & (agent == a) & (y <= top)
+            ax.scatter(x[m], y[m], s=16, color=colour[a], alpha=0.45, linewidths=0, zorder=2)
+            m = (kind == "confirm") & (agent == a) & (y <= top)
+            ax.scatter(x[m], y[m], s=34, facecolors="none", edgecolors=colour[a], linewidths=1.2, alpha=0.8, zorder=2)
+        m = (kind == "control") & (y <= top)
+        ax.scatter(x[m], y[m], s=30, marker="x", color=CONTROL_COLOUR, linewidths=1.2, alpha=0.7, zorder=2)
+        clipped = y > top
+        if clipped.any():  # off-scale scores stay visible as markers on the top edge
+            ax.scatter(x[clipped], np.full(clipped.sum(), top), marker="^", s=36, color="black", clip_on=False, zorder=3)
+            ax.text(0.995, 0.985, f"▲ {clipped.sum()} score{'s' if clipped.sum() > 1 else ''} above {top:.3f} (max {y.max():.2f})", ha="right",
+                    va="top", transform=ax.transAxes, fontsize=10)
+
+    times = _days(pd.concat([trials["submitted_at"], trials["started_at"], trials["finished_at"],
+                             promotions["promoted_at"]]).dropna())
+    start, end = times.min(), times.max()
+    if not steps.empty:
+        sx = np.append(_days(steps["at"]), end)
+        mean, sigma = np.append(steps["mean"], steps["mean"].iloc[-1]), np.append(steps["sigma"], steps["sigma"].iloc[-1])
+        ax.step(sx, mean, where="post", color="black", linewidth=2, zorder=4)
+        ax.fill_between(sx, mean - sigma, mean + sigma, step="post", color="black", alpha=0.12, linewidth=0, zorder=1)
+
+    ax.scatter(_days(promotions["promoted_at"]), promotions["new_mean"], marker="*", s=420, zorder=8,
+               color=[colour.get(a or NONE, "gold") for a in promotions["agent"]], edgecolors="black", linewidths=1.2)
+
+    # failed work: one row of ticks per status, so a burst of crashes is seen at once
+    failed = trials[trials["status"] != "ok"]
+    present = [s for s in FAILED if (failed["status"] == s).any()]
+    for row, status in enumerate(present):
+        rows = failed[failed["status"] == status]
+        when = rows["finished_at"].fillna(rows["started_at"]).fillna(rows["submitted_at"]).dropna()
+        strip.scatter(_days(when), np.full(len(when), row), marker="|", s=90, linewidths=1.4,
+                      color=STATUS_COLOURS[status])
+    strip.set_yticks(range(len(present)), [f"{s} ({(failed['status'] == s).sum()})" for s in present], fontsize=9)
+    strip.set_ylim(-0.7, max(len(present), 1) - 0.3)
+    strip.invert_yaxis()
+    if not present:
+        strip.text(0.5, 0.5, "no failed or rejected trials", ha="center", va="center", transform=strip.transAxes)
+    strip.grid(axis="x", alpha=0.3)
+    strip.set_xlabel("finished at (UTC)", fontsize=11)
+
+    locator = mdates.AutoDateLocator()
+    strip.xaxis.set_major_locator(locator)
+    strip.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    ax.grid(alpha=0.3)
+    ax.set_ylabel("validation bits per character (lower is better)", fontsize=11)
+
+    counts = trials["agent"].fillna(NONE).value_counts()
+    kinds = scored["kind"].value_counts()
+    first_runs = len(scored) - kinds.get("confirm", 0) - kinds.get("control", 0)
+    agent_handles = [Line2D([], [], marker="o", linestyle="", color=colour[a], label=f"{a} ({counts[a]})") for a in agents]
+    kind_handles = [
+        Line2D([], [], marker="o", linestyle="", color="0.3", alpha=0.6, label=f"first run ({first_runs})"),
+        Line2D([], [], marker="o", linestyle="", markerfacecolor="none", markeredgecolor="0.3", label=f"confirmation run ({kinds.get('confirm', 0)})"),
+        Line2D([], [], marker="x", linestyle="", color=CONTROL_COLOUR, label=f"control run of the baseline ({kinds.get('control', 0)})"),
+        Line2D([], [], marker="*", linestyle="", markersize=15, color="0.7", markeredgecolor="black", label=f"promotion ({len(promotions)})"),
+        (Line2D([], [], color="black", linewidth=2), Patch(color="black", alpha=0.12)),
+    ]
+    agent_legend = ax.legend(handles=agent_handles, title="agent (trials)", loc="upper left", bbox_to_anchor=(1.005, 1),
+                             fontsize=10, title_fontsize=10)
+    ax.add_artist(agent_legend)
+    ax.legend(kind_handles, [h.get_label() for h in kind_handles[:-1]] + ["baseline mean ± σ"], loc="lower left",
+              bbox_to_anchor=(1.005, 0), fontsize=10)
+
+    best = f", best val bpc {scored['val_bpc'].min():.4f}" if len(scored) else ""
+    now = f", baseline now {steps['mean'].iloc[-1]:.4f}" if len(steps) else ""
+    ax.set_title(f"{_plural(len(trials), 'trial')} ({len(scored)} scored, {len(failed)} failed or rejected), "
+                 f"{_plural(len(promotions), 'promotion')}{best}{now}", fontsize=15)
+    unlabelled = len(promotions) - _label_promotions(fig, ax, promotions)
+    if unlabelled:
+        ax.text(0.005, 0.012, f"{unlabelled} of {len(promotions)} promotions unlabelled for lack of room: "
+                "see ## Lineage in summary.md", transform=ax.transAxes, fontsize=9.5, color="0.3")
+    fig.savefig(path, dpi=DPI)
+
+
+def _label_promotions(fig: Figure, ax: Axes, promotions: pd.DataFrame) -> int:
+    """Label stars with their descriptions, biggest gain first, each at the first of LABEL_SPOTS where it stays
+    inside the plot and covers no star and no other label; a star without room stays unlabelled. Returns labels."""
+    fig.canvas.draw()  # settle the layout, then freeze it, so that boxes measured now are where they will be drawn
+    fig.set_layout_engine("none")
+    renderer = fig.canvas.get_renderer()
+    plot = ax.get_window_extent()
+    xy = np.column_stack([_days(promotions["promoted_at"]), promotions["new_mean"]])
+    taken = [Bbox.from_bounds(x - STAR_PX, y - STAR_PX, 2 * STAR_PX, 2 * STAR_PX) for x, y in ax.transData.transform(xy)]
+    drawn = 0
+    for i in promotions["gain"].fillna(0).sort_values(ascending=False, kind="stable").index:
+        p = promotions.loc[i]
+        for dx, dy in LABEL_SPOTS:
+            label = ax.annotate(_short(p["description"]) or p["candidate_id"], tuple(xy[i]), xytext=(dx, dy),
+                                textcoords="offset points", ha="right" if dx < 0 else "left", va="center",
+                                fontsize=9.5, zorder=7, arrowprops={"arrowstyle": "-", "color": "0.4", "linewidth": 0.8},
+                                bbox={"boxstyle": "round,pad=0.25", "fc": "white", "ec": "0.6", "alpha": 0.85})
+            label.update_positions(renderer)
+            box = Text.get_window_extent(label, renderer).padded(4)  # the text alone, not its connecting line
+            fits = plot.x0 <= box.x0 and box.x1 <= plot.x1 and plot.y0 <= box.y0 and box.y1 <= plot.y1
+            if fits and not any(box.overlaps(other) for other in taken):
+                taken.append(box)
+                drawn += 1
+                break
+            label.remove()
+    return drawn
+
+
+# ---------------------------------------------------------------------------
+# summary.md
+# ---------------------------------------------------------------------------
+
+def _num(value: object, digits: int = 4, sign: bool = False) -> str:
+    if value is None or pd.isna(value):
+        return NONE
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def _when(value: object) -> str:
+    return NONE if value is None or pd.isna(value) else pd.Timestamp(value).strftime(TIME_FORMAT)
+
+
+def _cell(value: object) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(headers: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _lineage(promotions: pd.DataFrame) -> str:
+    if promotions.empty:
+        return "No promotions yet."
+    rows = [[i + 1, _when(p.promoted_at), p.candidate_id, p.agent or NONE, _short(p.description), _num(p.gain, sign=True),
+             _num(p.new_mean), "not scored" if pd.isna(p.test_bpc) else _num(p.test_bpc),
+             f"{_num(p.n_candidate, 0)} vs {_num(p.n_baseline, 0)}", _num(p.sigma)]
+            for i, p in enumerate(promotions.itertuples())]
+    headers = ["#", "time (UTC)", "candidate", "agent", "message", "gain (val)", "val bpc", "test bpc",
+               "n (cand vs base)", "σ"]
+    return _table(headers, rows)
+
+
+def _agents(trials: pd.DataFrame, promotions: pd.DataFrame, steps: pd.DataFrame) -> str:
+    if trials.empty:
+        return "No trials yet."
+    trials = trials.assign(agent=trials["agent"].fillna(NONE))
+    scored = _scored(trials)
+    scored = scored[scored["kind"] != "control"]
+    gain = pd.Series(_baseline_at(steps, scored["finished_at"]) - scored["val_bpc"].to_numpy(), index=scored.index)
+    promoted = promotions["agent"].fillna(NONE).value_counts()
+    rows = []
+    for agent, own in trials.groupby("agent", sort=True):
+        status = own["status"].value_counts()
+        best = gain[scored["agent"] == agent].max()
+        rows.append([agent, len(own), status.get("ok", 0), *(status.get(s, 0) for s in FAILED),
+                     promoted.get(agent, 0), _num(own["total_seconds"].sum() / 3600, 2), _num(best, sign=True)])
+    table = _table(["agent", "trials", "ok", *FAILED, "promotions", "GPU-hours", "best gain"], rows)
+    return table + ("\n\nbest gain: the largest (baseline mean in force when the run finished − its val bpc) over the "
+                    "agent's scored first and confirmation runs; the baseline is the step line of progress.png; "
+                    "positive means it beat the baseline.")
+
+
+def _near_misses(trials: pd.DataFrame, promotions: pd.DataFrame) -> str:
+    scored = _scored(trials)
+    runs = scored[(scored["kind"] != "control") & ~scored["candidate_id"].isin(promotions["candidate_id"])]
+    if runs.empty:
+        return "No scored candidates that were not promoted."
+    by = runs.groupby("candidate_id", sort=False)
+    best = (by.agg(agent=("agent", "first"), description=("description", "first"), val_bpc=("val_bpc", "mean"),
+                   runs=("val_bpc", "size"))
+            .sort_values("val_bpc", kind="stable").head(NEAR_MISSES))
+    rows = [[i + 1, c, r.agent or NONE, _short(r.description), _num(r.val_bpc), r.runs]
+            for i, (c, r) in enumerate(best.iterrows())]
+    return (f"The best {_plural(len(best), 'candidate')} never promoted, by mean val bpc over their scored runs "
+            "(control runs excluded).\n\n" + _table(["#", "candidate", "agent", "description", "val bpc", "runs"], rows))
+
+
+def _union_seconds(intervals: pd.DataFrame) -> float:
+    """Length of the union of [started_at, finished_at] intervals: overlapping runs count once."""
+    total, end = 0.0, None
+    for start, finish in intervals.sort_values("started_at").itertuples(index=False):
+        if end is None or start > end:
+            total, end = total + (finish - start).total_seconds(), finish
+        elif finish > end:
+            total, end = total + (finish - end).total_seconds(), finish
+    return total
+
+
+def _gpu_share(trials: pd.DataFrame) -> str:
+    ran = trials.dropna(subset=["started_at", "finished_at"])
+    ran = ran[ran["finished_at"] >= ran["started_at"]]
+    if ran.empty:
+        return "No trials ran yet."
+    first, last = ran["started_at"].min(), ran["finished_at"].max()
+    wall = (last - first).total_seconds()
+    ran = ran.assign(node=ran["node"].fillna(NONE), gpu_id=ran["gpu_id"].fillna(NONE))
+    rows = []
+    for (node, gpu), own in ran.groupby(["node", "gpu_id"], sort=True):
+        busy = _union_seconds(own[["started_at", "finished_at"]])
+        share = 100 * busy / wall if wall > 0 else math.nan
+        rows.append([node, gpu, len(own), _num(busy / 3600, 2), f"{_num(share, 1)}%"])
+    return (f"Busy = the union of a GPU's [started_at, finished_at] intervals; wall = {_when(first)} to {_when(last)} "
+            f"UTC ({_num(wall / 3600, 2)} h), the first start to the last finish over all GPUs.\n\n"
+            + _table(["node", "gpu", "trials", "busy h", "share"], rows))
+
+
+def _summary(trials: pd.DataFrame, promotions: pd.DataFrame, steps: pd.DataFrame) -> str:
+    scored = _scored(trials)
+    head = f"{_plural(len(trials), 'trial')} ({len(scored)} scored), {_plural(len(promotions), 'promotion')}"
+    if len(scored):
+        best = scored.loc[scored["val_bpc"].idxmin()]
+        head += f", best val bpc {_num(best['val_bpc'])} ({best['candidate_id']}, {best['agent'] or NONE})"
+    if len(steps):
+        head += f", baseline now {_num(steps['mean'].iloc[-1])}"
+    sections = [
+        "# Research report", head + ".",
+        "## Lineage", _lineage(promotions),
+        "## Agents", _agents(trials, promotions, steps),
+        "## Near misses", _near_misses(trials, promotions),
+        "## GPU busy share", _gpu_share(trials),
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+# ---------------------------------------------------------------------------
+
+def write_report(results: Path, out: Path | None = None) -> dict:
+    """Write progress.png and summary.md from `results` into `out` (default results/report); return paths and counts."""
+    results = Path(results)
+    out = Path(out) if out is not None else results / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    trials, promotions = read_trials(results), read_promotions(results)
+    steps = _baseline_steps(trials, promotions)
+    png, summary = out / "progress.png", out / "summary.md"
+    _plot_progress(trials, promotions, steps, png)
+    summary.write_text(_summary(trials, promotions, steps), encoding="utf-8")
+    scored = _scored(trials)
+    return {
+        "png": png, "summary": summary, "trials": len(trials), "scored": len(scored),
+        "failed": int((trials["status"] != "ok").sum()), "promotions": len(promotions),
+        "best_bpc": float(scored["val_bpc"].min()) if len(scored) else None,
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m scheduler.report", description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, nargs="?", default=Path("results"), help="results folder (default: results)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: RESULTS/report)")
+    args = parser.parse_args()
+    report = write_report(args.results, args.out)
+    print(f"wrote {report['png']} and {report['summary']}: "
+          f"{_plural(report['trials'], 'trial')}, {_plural(report['promotions'], 'promotion')}")

@@ -1,0 +1,160 @@
+"""Trial results in Parquet: one file per finished trial, one fixed schema.
+
+    import pandas as pd
+    pd.read_parquet("results/trials")          # works while trials are still running
+
+Every file dropped into candidates/ ends up as exactly one row (rejected files
+too), and every run of a candidate (first run, confirmation, control run of the
+baseline) is one row. Column types never depend on the data: missing values
+are nulls of the column's type.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STATUSES = ("ok", "crash", "oom", "timeout", "nan", "eval_failed", "rejected", "interrupted")
+KINDS = ("candidate", "confirm", "control")  # first run, extra seeds of a candidate, rerun of the baseline
+
+_TIME = pa.timestamp("us", tz="UTC")
+SCHEMA = pa.schema([
+    ("trial_id", pa.string()),        # one run; <candidate_id>-r<n>
+    ("candidate_id", pa.string()),
+    ("kind", pa.string()),            # one of KINDS
+    ("agent", pa.string()),
+    ("parent", pa.string()),          # the baseline the candidate was derived from
+    ("baseline", pa.string()),        # the baseline current when it ran (what it is judged against)
+    ("stale", pa.bool_()),            # parent is an older baseline
+    ("description", pa.string()),
+    ("source_sha256", pa.string()),
+    ("duplicate_of", pa.string()),    # for a rejected duplicate: the candidate it repeats
+    ("status", pa.string()),          # one of STATUSES
+    ("reason", pa.string()),          # one line: why it failed or was rejected
+    ("error_tail", pa.string()),      # last lines of its output when it failed
+    ("val_bpc", pa.float64()),
+    ("training_seconds", pa.float64()),
+    ("total_seconds", pa.float64()),  # trial start to result, evaluation included
+    ("eval_seconds", pa.float64()),
+    ("tokens", pa.int64()),
+    ("steps", pa.int64()),
+    ("parameters", pa.int64()),
+    ("peak_memory_mb", pa.float64()),
+    ("mfu_percent", pa.float64()),
+    ("tokens_per_second", pa.float64()),
+    ("precision", pa.string()),
+    ("gpu_name", pa.string()),
+    ("gpu_id", pa.string()),          # CUDA_VISIBLE_DEVICES the trial ran with
+    ("node", pa.string()),
+    ("seed", pa.int64()),
+    ("submitted_at", _TIME),
+    ("started_at", _TIME),
+    ("finished_at", _TIME),
+])
+COLUMNS = SCHEMA.names
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def from_unix(seconds: float | None) -> datetime | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, timezone.utc)
+
+
+def trials_dir(results: Path) -> Path:
+    return results / "trials"
+
+
+def write_row(results: Path, row: dict) -> Path:
+    """Write one trial's row atomically (temporary file, fsync, rename); unknown keys are an error."""
+    unknown = set(row) - set(COLUMNS)
+    if unknown:
+        raise KeyError(f"not result columns: {sorted(unknown)}")
+    if row.get("status") not in STATUSES:
+        raise ValueError(f"status {row.get('status')!r} is not one of {STATUSES}")
+    folder = trials_dir(results)
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist([{name: row.get(name) for name in COLUMNS}], schema=SCHEMA)
+    path = folder / f"{row['trial_id']}.parquet"
+    tmp = folder / f".{row['trial_id']}.parquet.tmp"
+    with open(tmp, "wb") as out:
+        pq.write_table(table, out)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def has_row(results: Path, trial_id: str) -> bool:
+    return (trials_dir(results) / f"{trial_id}.parquet").exists()
+
+
+def read_trials(results: Path) -> pd.DataFrame:
+    """All rows, oldest first. A damaged file is skipped with a warning that names it."""
+    tables = []
+    for path in sorted(trials_dir(results).glob("*.parquet")):
+        try:
+            tables.append(pq.read_table(path, schema=SCHEMA))
+        except Exception as error:  # truncated or foreign file: keep going, say which
+            warnings.warn(f"skipping damaged result file {path}: {error}", stacklevel=2)
+    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    frame = table.to_pandas()
+    return frame.sort_values("finished_at", kind="stable").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------
+# Promotions: one row each time the selection actor replaces the baseline
+# ---------------------------------------------------------------------------
+
+PROMOTION_SCHEMA = pa.schema([
+    ("promoted_at", _TIME),
+    ("candidate_id", pa.string()),
+    ("agent", pa.string()),
+    ("description", pa.string()),
+    ("old_baseline", pa.string()),
+    ("new_baseline", pa.string()),
+    ("gpu_name", pa.string()),
+    ("old_mean", pa.float64()),       # val bpc of the old baseline on that GPU type
+    ("new_mean", pa.float64()),       # val bpc of the candidate (mean over its runs)
+    ("gain", pa.float64()),           # old_mean - new_mean
+    ("n_candidate", pa.int64()),
+    ("n_baseline", pa.int64()),
+    ("sigma", pa.float64()),          # pooled run-to-run σ used by the test
+    ("threshold", pa.float64()),      # gain that was needed
+    ("test_bpc", pa.float64()),       # the new baseline on the test split (null until scored)
+    ("reason", pa.string()),
+])
+
+
+def promotions_dir(results: Path) -> Path:
+    return results / "promotions"
+
+
+def write_promotion(results: Path, event: dict) -> Path:
+    folder = promotions_dir(results)
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist([{name: event.get(name) for name in PROMOTION_SCHEMA.names}], schema=PROMOTION_SCHEMA)
+    stamp = event["promoted_at"].strftime("%Y%m%dT%H%M%S%f")
+    path = folder / f"{stamp}-{event['candidate_id']}.parquet"
+    tmp = folder / f".{path.name}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_promotions(results: Path) -> pd.DataFrame:
+    tables = []
+    for path in sorted(promotions_dir(results).glob("*.parquet")):
+        try:
+            tables.append(pq.read_table(path, schema=PROMOTION_SCHEMA))
+        except Exception as error:
+            warnings.warn(f"skipping damaged promotion file {path}: {error}", stacklevel=2)
+    table = pa.concat_tables(tables) if tables else PROMOTION_SCHEMA.empty_table()
+    return table.to_pandas().sort_values("promoted_at", kind="stable").reset_index(drop=True)

@@ -1,0 +1,86 @@
+"""The Ray Tune Searcher that hands queued candidates to Tune as trials.
+
+Tune asks `suggest()` several times a second. Each time (at most every
+SCAN_EVERY seconds) it lets intake claim new files from candidates/, then takes
+the next queue entry and returns its trial config, which carries the
+candidate's source so that any node can run it. None means "ask again later";
+FINISHED ends the experiment once the running trials are done: on a drain
+request (`stop`, first Ctrl-C), or with --exit-when-idle when nothing is queued,
+running or waiting in candidates/.
+
+Tune pickles its searcher, so this class holds only plain values; the
+selection actor is looked up by name when needed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from ray.tune.search import Searcher
+
+from scheduler import control, intake, queue
+from scheduler.layout import Layout
+
+SCAN_EVERY = 0.5  # seconds between looks at candidates/
+
+
+class QueueSearcher(Searcher):
+    def __init__(self, root: str, data_dir: str, settings: dict, exit_when_idle: bool) -> None:
+        super().__init__()
+        self.root, self.data_dir = root, data_dir
+        self.settings = settings          # budget, device, omp_threads, startup_allowance, eval_timeout
+        self.exit_when_idle = exit_when_idle
+        self.live: dict[str, str] = {}    # Tune's trial id -> our trial id
+        self._last_scan = 0.0
+
+    def _layout(self) -> Layout:
+        return Layout.at(self.root, self.data_dir)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        layout = self._layout()
+        if control.drain_requested(layout):
+            return Searcher.FINISHED
+        baseline = self._baseline()
+        if time.monotonic() - self._last_scan >= SCAN_EVERY:
+            self._last_scan = time.monotonic()
+            intake.scan(layout, baseline)
+        entry = queue.take(layout)
+        if entry is None:
+            if self.exit_when_idle and not queue.running(layout) and not intake.waiting(layout):
+                return Searcher.FINISHED
+            return None
+        self.live[trial_id] = entry.trial_id
+        return self._config(layout, entry, baseline)
+
+    def _baseline(self) -> str:
+        import ray
+
+        from scheduler.selection import ACTOR_NAME
+
+        info = ray.get(ray.get_actor(ACTOR_NAME).sync_baseline.remote())
+        for note in info["notes"]:
+            print(f"[scheduler] {note}", file=sys.stderr, flush=True)
+        return info["baseline"]
+
+    def _config(self, layout: Layout, entry: queue.Entry, baseline: str) -> dict:
+        for folder in (layout.sources, layout.baselines):
+            path = folder / f"{entry.source_sha256}.py"
+            if path.exists():
+                source = path.read_text(encoding="utf-8")
+                break
+        else:
+            raise FileNotFoundError(f"source {entry.source_sha256} of {entry.trial_id} is not archived")
+        return {**vars(entry), **self.settings, "source": source, "baseline": baseline,
+                "data_dir": str(layout.data), "runs_dir": str(layout.runs)}
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.live.pop(trial_id, None)
+
+    # The queue on disk is the searcher's state: Tune's experiment checkpoints need nothing more.
+    def save(self, checkpoint_path: str) -> None:
+        pass
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass

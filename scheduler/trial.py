@@ -1,0 +1,260 @@
+"""One trial: run a candidate on the GPU Ray assigned, then score its weights in a fresh process.
+
+`run_trial(config)` is the Ray Tune function trainable. The candidate's source
+travels in the config (no shared file system needed); the trial writes it to
+its own working folder, starts `python train.py` there as its own process
+group with the budget, seed and data location in the environment, streams the
+harness's progress lines to Tune (the dashboard and `status` show them), keeps
+the output in a size-capped log, and kills the whole group at a hard limit.
+Then `python -m scheduler.evaluate` scores the saved weights. The last report
+carries the trial's result row (see scheduler/results.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from scheduler.evaluate import FAIL_TAG, RESULT_FILE
+from scheduler.harness import EXIT_NAN, PROGRESS_TAG, STATS_FILE, WEIGHTS_FILE
+
+LOG_HEAD_BYTES = 256_000     # the log keeps the first bytes of output ...
+LOG_TAIL_LINES = 400         # ... and the last lines; a flood in between is counted, not kept
+TAIL_KEPT = 20               # lines of output kept in the result row of a failed trial
+REPORT_EVERY = 2.0           # seconds between progress reports to Tune
+KILL_GRACE = 5.0             # seconds between SIGTERM and SIGKILL
+MARK = "SCHEDULER_TRIAL_MARK"  # environment marker: finds processes that left the trial's process group
+PASSED_ENV = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "LD_LIBRARY_PATH", "CUDA_HOME",
+              "CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "VIRTUAL_ENV",
+              "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
+OOM_SIGNS = ("OutOfMemoryError", "CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+class OutputLog:
+    """Reads a process's output in a thread: a capped log file, the tail in memory, the latest progress."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        self.progress: dict = {}
+        self.dropped = 0
+        self._head_left = LOG_HEAD_BYTES
+        self._file = open(path, "a", encoding="utf-8", errors="replace")
+        self._threads: list[threading.Thread] = []
+
+    def follow(self, stream) -> None:
+        thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _read(self, stream) -> None:
+        for raw in iter(lambda: stream.readline(65536), b""):  # bounded: a line with no newline cannot eat memory
+            line = raw.decode("utf-8", errors="replace")
+            if line.startswith(PROGRESS_TAG):
+                try:
+                    self.progress = json.loads(line[len(PROGRESS_TAG):])
+                except ValueError:
+                    pass
+            if self._head_left > 0:
+                self._file.write(line)
+                self._head_left -= len(raw)
+            else:
+                if len(self.tail) == self.tail.maxlen:
+                    self.dropped += 1
+                self.tail.append(line)
+        stream.close()
+
+    def wait(self) -> None:
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._threads.clear()
+
+    def last_lines(self, n: int = TAIL_KEPT) -> list[str]:
+        if self.tail:
+            return [l.rstrip("\n") for l in list(self.tail)[-n:]]
+        text = self.path.read_text(encoding="utf-8", errors="replace") if self.path.exists() else ""
+        return text.splitlines()[-n:]
+
+    def close(self) -> None:
+        """Write the kept tail after the head, with a note of what was dropped in between."""
+        self.wait()
+        if self.dropped:
+            self._file.write(f"\n... {self.dropped} lines dropped (log capped) ...\n")
+        self._file.writelines(self.tail)
+        self.tail.clear()
+        self._file.close()
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left of it."""
+    for sig, wait in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, 0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait or None)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def kill_marked(mark: str) -> int:
+    """Kill processes carrying our environment marker that escaped the process group (setsid, double fork)."""
+    killed = 0
+    needle = f"{MARK}={mark}".encode() + b"\0"
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                if needle not in f.read() + b"\0":
+                    continue
+            os.kill(int(entry.name), signal.SIGKILL)
+            killed += 1
+        except (OSError, ProcessLookupError):
+            continue
+    return killed
+
+
+def run_process(cmd: list[str], cwd: Path, env: dict, limit: float, log: OutputLog, report) -> tuple[int, bool]:
+    """Run `cmd` as its own process group; (exit code, timed out). `report` is called every REPORT_EVERY s."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    log.follow(proc.stdout)
+    deadline = time.monotonic() + limit
+    timed_out = False
+    while True:
+        try:
+            proc.wait(timeout=REPORT_EVERY)
+            break
+        except subprocess.TimeoutExpired:
+            report()
+            if time.monotonic() > deadline:
+                timed_out = True
+                kill_group(proc)
+                break
+    kill_group(proc)  # children it left behind in its group
+    kill_marked(env[MARK])
+    log.wait()
+    return proc.returncode, timed_out
+
+
+def classify(code: int, timed_out: bool, lines: list[str], limit: float) -> tuple[str, str]:
+    """(status, one-line reason) of a training process that did not finish cleanly."""
+    text = "\n".join(lines)
+    if timed_out:
+        return "timeout", f"killed at the hard limit of {limit:.0f} s (budget + start-up allowance)"
+    if any(sign in text for sign in OOM_SIGNS):
+        return "oom", "out of GPU memory: use a smaller model or batch"
+    if code == EXIT_NAN:
+        nan_line = next((l for l in reversed(lines) if l.startswith("FAIL: loss")), "loss is not finite")
+        return "nan", nan_line
+    last = next((l.strip() for l in reversed(lines) if l.strip()), "")
+    if code < 0:
+        return "crash", f"killed by signal {-code}" + (f": {last}" if last else "")
+    return "crash", last or f"exit code {code} with no output"
+
+
+def gpu_name(device: str) -> str:
+    """Name of the assigned GPU, asked of nvidia-smi so that this worker never initialises CUDA itself."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if device != "cuda" or not visible:
+        return "cpu"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", visible.split(",")[0]],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown GPU"
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        return "unknown GPU"
+
+
+def candidate_env(config: dict, out_dir: Path) -> dict:
+    """What the candidate may see: no more than it needs, and never the validation or test split."""
+    env = {key: os.environ[key] for key in PASSED_ENV if key in os.environ}
+    env.update({
+        "PYTHONPATH": os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH", "")])),
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": str(config["omp_threads"]),
+        "SCHEDULER_TRAIN_DATA": str(Path(config["data_dir"]) / "train.bin"),
+        "SCHEDULER_BUDGET": str(config["budget"]),
+        "SCHEDULER_SEED": str(config["seed"]),
+        "SCHEDULER_DEVICE": config["device"],
+        "SCHEDULER_OUT": str(out_dir),
+        "SCHEDULER_TRIAL": "1",
+        MARK: config["trial_id"],
+    })
+    return env
+
+
+def run_trial(config: dict) -> dict:
+    """Ray Tune function trainable: train, score, and report the result row."""
+    from ray import tune
+
+    started = time.time()
+    workdir = Path(config["runs_dir"]) / config["trial_id"]
+    workdir.mkdir(parents=True, exist_ok=True)
+    out_dir = workdir / "out"
+    (workdir / "train.py").write_text(config["source"], encoding="utf-8")
+    env = candidate_env(config, out_dir)
+    log = OutputLog(workdir / "log.txt")
+    row = {key: config[key] for key in ("trial_id", "candidate_id", "kind", "agent", "parent", "baseline",
+                                        "description", "source_sha256", "seed")}
+    row.update(gpu_id=os.environ.get("CUDA_VISIBLE_DEVICES", ""), node=socket.gethostname(),
+               gpu_name=gpu_name(config["device"]), started_at=started)
+
+    def report_progress() -> None:
+        if log.progress:
+            tune.report({**log.progress, "phase": "train", "elapsed": round(time.time() - started, 1)})
+
+    limit = config["budget"] + config["startup_allowance"]
+    code, timed_out = run_process([sys.executable, "train.py"], workdir, env, limit, log, report_progress)
+    weights = out_dir / WEIGHTS_FILE
+    if code != 0 or timed_out or not weights.exists():
+        status, reason = classify(code, timed_out, log.last_lines(), limit)
+        if code == 0 and not timed_out:
+            status, reason = "crash", "training finished without saving weights: call run.finish(model)"
+    else:
+        tune.report({**log.progress, "phase": "eval", "elapsed": round(time.time() - started, 1)})
+        eval_cmd = [sys.executable, "-m", "scheduler.evaluate", "train.py", str(out_dir),
+                    "--data-dir", config["data_dir"], "--device", config["device"]]
+        eval_env = {**env, "SCHEDULER_TRIAL": "1"}
+        code, timed_out = run_process(eval_cmd, workdir, eval_env, config["eval_timeout"], log, lambda: None)
+        result_file = out_dir / RESULT_FILE
+        if code == 0 and not timed_out and result_file.exists():
+            status, reason = "ok", ""
+        else:
+            lines = log.last_lines()
+            failed = next((l[len(FAIL_TAG):] for l in reversed(lines) if l.startswith(FAIL_TAG)), None)
+            status, reason = classify(code, timed_out, lines, config["eval_timeout"])
+            status, reason = ("oom", reason) if status == "oom" else ("eval_failed", failed or reason)
+
+    stats = {}
+    for name in (RESULT_FILE, STATS_FILE):
+        if (out_dir / name).exists():
+            stats = json.loads((out_dir / name).read_text())
+            break
+    row.update(
+        status=status, reason=reason, error_tail="\n".join(log.last_lines()) if status != "ok" else "",
+        val_bpc=stats.get("val_bpc") if status == "ok" else None,
+        training_seconds=stats.get("training_seconds"), eval_seconds=stats.get("eval_seconds"),
+        tokens=stats.get("total_tokens"), steps=stats.get("num_steps"), parameters=stats.get("num_params"),
+        peak_memory_mb=stats.get("peak_vram_mb"), mfu_percent=stats.get("mfu_percent"),
+        tokens_per_second=stats.get("tokens_per_second"), precision=stats.get("precision"),
+        finished_at=time.time(), total_seconds=round(time.time() - started, 1),
+    )
+    if stats.get("gpu_name") and stats["gpu_name"] != "cpu":
+        row["gpu_name"] = stats["gpu_name"]
+    log.close()
+    weights.unlink(missing_ok=True)  # scored: the weights are not needed again, and they are large
+    final = {"phase": "done", "result_row": json.dumps(row)}
+    tune.report(final)
+    return final
