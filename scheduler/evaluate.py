@@ -81,8 +81,8 @@ def score(model: torch.nn.Module, data: torch.Tensor, device: torch.device) -> t
         if not isinstance(logits, torch.Tensor) or logits.shape != (*x.shape, VOCAB):
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise EvalError(f"build_model()'s module returned {shape} for input {tuple(x.shape)}; expected logits {(*x.shape, VOCAB)}")
-        nats = F.cross_entropy(logits.float().view(-1, VOCAB), y.view(-1), reduction="sum")
-        total_nats += float(nats.double())
+        nats = F.cross_entropy(logits.float().view(-1, VOCAB), y.view(-1), reduction="none")
+        total_nats += float(nats.double().sum())  # summed in float64: the figure is exact to 1e-9
     bpc = total_nats / n_targets / math.log(2)
     if not math.isfinite(bpc):
         raise EvalError(f"the score is {bpc}: the saved weights produce non-finite logits")
@@ -101,8 +101,8 @@ def evaluate(candidate: Path, weights: Path, split_file: Path, device: torch.dev
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        first = str(error).strip().splitlines()[0]
-        raise EvalError(f"saved weights do not fit build_model()'s module: {first}") from error
+        detail = "; ".join(line.strip() for line in str(error).strip().splitlines()[:3])
+        raise EvalError(f"saved weights do not fit build_model()'s module: {detail}") from error
     model = model.to(device).eval()
     data = torch.from_numpy(np.fromfile(split_file, dtype=np.uint8))
     if device.type == "cuda":
@@ -114,7 +114,7 @@ def evaluate(candidate: Path, weights: Path, split_file: Path, device: torch.dev
             "eval_seconds": round(time.time() - started, 3)}
 
 
-def format_summary(result: dict) -> str:
+def format_summary(result: dict, split: str = "val") -> str:
     """The original script's summary block, so people and parsers find what they know."""
 
     def fmt(key: str, spec: str) -> str:
@@ -123,7 +123,7 @@ def format_summary(result: dict) -> str:
 
     lines = [
         "---",
-        f"val_bpc:          {fmt('val_bpc', '.6f')}",
+        f"{split}_bpc:          {fmt(f'{split}_bpc', '.6f')}",
         f"training_seconds: {fmt('training_seconds', '.1f')}",
         f"total_seconds:    {fmt('total_seconds', '.1f')}",
         f"peak_vram_mb:     {fmt('peak_vram_mb', '.1f')}",
@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--started", type=float, default=None, help="wall-clock start of the whole run (for total_seconds)")
     args = parser.parse_args(argv)
 
-    stats_path = args.out_dir / STATS_FILE
+    result_path = args.out_dir / RESULT_FILE  # a test-split score is added to an existing result
+    stats_path = result_path if result_path.exists() else args.out_dir / STATS_FILE
     result = json.loads(stats_path.read_text()) if stats_path.exists() else {}
     try:
         scored = evaluate(args.candidate.resolve(), args.out_dir / WEIGHTS_FILE,
@@ -155,12 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     except EvalError as error:
         print(FAIL_TAG + str(error), flush=True)
         return 1
+    except Exception as error:  # the candidate's own code failed while scoring: say what, keep the traceback short
+        print(FAIL_TAG + f"{type(error).__name__}: {error}".splitlines()[0][:500], flush=True)
+        return 1
     result.update({f"{args.split}_bpc": round(scored["bpc"], 6), "eval_seconds": scored["eval_seconds"],
                    "score_seconds": scored["score_seconds"], "bytes_scored": scored["bytes_scored"]})
     if args.started is not None:
         result["total_seconds"] = round(time.time() - args.started, 1)
-    (args.out_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
-    print(format_summary(result), flush=True)
+    result_path.write_text(json.dumps(result, indent=2))
+    print(format_summary(result, args.split), flush=True)
     return 0
 
 

@@ -50,13 +50,15 @@ STATS_FILE = "train_stats.json"
 # Dense BF16 peak (no sparsity) in TFLOP/s, matched against torch.cuda.get_device_name().
 # Order matters: the first substring that matches wins.
 BF16_PEAK_TFLOPS = (
+    ("H100 NVL", 835.0),
+    ("H200 NVL", 835.0),
     ("H200", 989.0),
     ("H100", 989.0),   # SXM; the PCIe part is lower, matched below
-    ("GH200", 989.0),
     ("B200", 2250.0),
     ("A100", 312.0),
     ("A10G", 125.0),
     ("L40S", 362.0),
+    ("L40", 181.0),
     ("L4", 121.0),
     ("RTX 4090", 165.0),
     ("RTX 3090", 71.0),
@@ -166,6 +168,8 @@ class Run:
     def step(self, loss: torch.Tensor | float, tokens: int) -> None:
         """End of one optimizer step. Waits for the device only about once a second (and on the
         first steps), so the CPU can queue the next steps while the GPU works."""
+        if self._last_mark is None:  # a loop that never asked done(): the clock starts here
+            self._last_mark = time.perf_counter()
         self.steps += 1
         self.tokens += tokens
         if self.steps > WARMUP_STEPS:

@@ -105,6 +105,10 @@ def _baseline_at(steps: pd.DataFrame, times: pd.Series) -> np.ndarray:
     return steps["mean"].to_numpy()[np.clip(index, 0, None)]
 
 
+def _name(value: object) -> str:
+    return NONE if value is None or pd.isna(value) else str(value)
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
@@ -164,16 +168,17 @@ def _plot_progress(trials: pd.DataFrame, promotions: pd.DataFrame, steps: pd.Dat
         ax.scatter(x[m], y[m], s=30, marker="x", color=CONTROL_COLOUR, linewidths=1.2, alpha=0.7, zorder=2)
         clipped = y > top
         if clipped.any():  # off-scale scores stay visible as markers on the top edge
-            ax.scatter(x[clipped], np.full(clipped.sum(), top), marker="^", s=36, color="black", clip_on=False, zorder=3)
-            ax.text(0.995, 0.985, f"▲ {clipped.sum()} score{'s' if clipped.sum() > 1 else ''} above {top:.3f} (max {y.max():.2f})", ha="right",
-                    va="top", transform=ax.transAxes, fontsize=10)
+            ax.scatter(x[clipped], np.full(clipped.sum(), top), marker="^", s=36, color="black", clip_on=False,
+                       zorder=3)
+            ax.text(0.995, 0.985, f"▲ {_plural(clipped.sum(), 'score')} above {top:.3f} (max {y.max():.2f})",
+                    ha="right", va="top", transform=ax.transAxes, fontsize=10)
 
     times = _days(pd.concat([trials["submitted_at"], trials["started_at"], trials["finished_at"],
                              promotions["promoted_at"]]).dropna())
-    start, end = times.min(), times.max()
-    if not steps.empty:
-        sx = np.append(_days(steps["at"]), end)
-        mean, sigma = np.append(steps["mean"], steps["mean"].iloc[-1]), np.append(steps["sigma"], steps["sigma"].iloc[-1])
+    if not steps.empty:  # steps exist only where some time is known
+        sx = np.append(_days(steps["at"]), times.max())
+        mean = np.append(steps["mean"], steps["mean"].iloc[-1])
+        sigma = np.append(steps["sigma"], steps["sigma"].iloc[-1])
         ax.step(sx, mean, where="post", color="black", linewidth=2, zorder=4)
         ax.fill_between(sx, mean - sigma, mean + sigma, step="post", color="black", alpha=0.12, linewidth=0, zorder=1)
 
@@ -205,19 +210,20 @@ def _plot_progress(trials: pd.DataFrame, promotions: pd.DataFrame, steps: pd.Dat
     counts = trials["agent"].fillna(NONE).value_counts()
     kinds = scored["kind"].value_counts()
     first_runs = len(scored) - kinds.get("confirm", 0) - kinds.get("control", 0)
-    agent_handles = [Line2D([], [], marker="o", linestyle="", color=colour[a], label=f"{a} ({counts[a]})") for a in agents]
+    agent_handles = [Line2D([], [], marker="o", linestyle="", color=colour[a]) for a in agents]
     kind_handles = [
-        Line2D([], [], marker="o", linestyle="", color="0.3", alpha=0.6, label=f"first run ({first_runs})"),
-        Line2D([], [], marker="o", linestyle="", markerfacecolor="none", markeredgecolor="0.3", label=f"confirmation run ({kinds.get('confirm', 0)})"),
-        Line2D([], [], marker="x", linestyle="", color=CONTROL_COLOUR, label=f"control run of the baseline ({kinds.get('control', 0)})"),
-        Line2D([], [], marker="*", linestyle="", markersize=15, color="0.7", markeredgecolor="black", label=f"promotion ({len(promotions)})"),
+        Line2D([], [], marker="o", linestyle="", color="0.3", alpha=0.6),
+        Line2D([], [], marker="o", linestyle="", markerfacecolor="none", markeredgecolor="0.3"),
+        Line2D([], [], marker="x", linestyle="", color=CONTROL_COLOUR),
+        Line2D([], [], marker="*", linestyle="", markersize=15, color="0.7", markeredgecolor="black"),
         (Line2D([], [], color="black", linewidth=2), Patch(color="black", alpha=0.12)),
     ]
-    agent_legend = ax.legend(handles=agent_handles, title="agent (trials)", loc="upper left", bbox_to_anchor=(1.005, 1),
-                             fontsize=10, title_fontsize=10)
-    ax.add_artist(agent_legend)
-    ax.legend(kind_handles, [h.get_label() for h in kind_handles[:-1]] + ["baseline mean ± σ"], loc="lower left",
-              bbox_to_anchor=(1.005, 0), fontsize=10)
+    kind_labels = [f"first run ({first_runs})", f"confirmation run ({kinds.get('confirm', 0)})",
+                   f"control run of the baseline ({kinds.get('control', 0)})", f"promotion ({len(promotions)})",
+                   "baseline mean ± σ"]
+    ax.add_artist(ax.legend(agent_handles, [f"{a} ({counts[a]})" for a in agents], title="agent (trials)",
+                            loc="upper left", bbox_to_anchor=(1.005, 1), fontsize=10, title_fontsize=10))
+    ax.legend(kind_handles, kind_labels, loc="lower left", bbox_to_anchor=(1.005, 0), fontsize=10)
 
     best = f", best val bpc {scored['val_bpc'].min():.4f}" if len(scored) else ""
     now = f", baseline now {steps['mean'].iloc[-1]:.4f}" if len(steps) else ""
@@ -233,20 +239,24 @@ def _plot_progress(trials: pd.DataFrame, promotions: pd.DataFrame, steps: pd.Dat
 def _label_promotions(fig: Figure, ax: Axes, promotions: pd.DataFrame) -> int:
     """Label stars with their descriptions, biggest gain first, each at the first of LABEL_SPOTS where it stays
     inside the plot and covers no star and no other label; a star without room stays unlabelled. Returns labels."""
+    if promotions.empty:
+        return 0
     fig.canvas.draw()  # settle the layout, then freeze it, so that boxes measured now are where they will be drawn
     fig.set_layout_engine("none")
     renderer = fig.canvas.get_renderer()
     plot = ax.get_window_extent()
     xy = np.column_stack([_days(promotions["promoted_at"]), promotions["new_mean"]])
-    taken = [Bbox.from_bounds(x - STAR_PX, y - STAR_PX, 2 * STAR_PX, 2 * STAR_PX) for x, y in ax.transData.transform(xy)]
+    stars = ax.transData.transform(xy)
+    taken = [Bbox.from_bounds(x - STAR_PX, y - STAR_PX, 2 * STAR_PX, 2 * STAR_PX) for x, y in stars]
     drawn = 0
     for i in promotions["gain"].fillna(0).sort_values(ascending=False, kind="stable").index:
         p = promotions.loc[i]
         for dx, dy in LABEL_SPOTS:
             label = ax.annotate(_short(p["description"]) or p["candidate_id"], tuple(xy[i]), xytext=(dx, dy),
                                 textcoords="offset points", ha="right" if dx < 0 else "left", va="center",
-                                fontsize=9.5, zorder=7, arrowprops={"arrowstyle": "-", "color": "0.4", "linewidth": 0.8},
-                                bbox={"boxstyle": "round,pad=0.25", "fc": "white", "ec": "0.6", "alpha": 0.85})
+                                fontsize=9.5, zorder=7, bbox={"boxstyle": "round,pad=0.25", "fc": "white", "ec": "0.6",
+                                                              "alpha": 0.85},
+                                arrowprops={"arrowstyle": "-", "color": "0.4", "linewidth": 0.8})
             label.update_positions(renderer)
             box = Text.get_window_extent(label, renderer).padded(4)  # the text alone, not its connecting line
             fits = plot.x0 <= box.x0 and box.x1 <= plot.x1 and plot.y0 <= box.y0 and box.y1 <= plot.y1
@@ -285,8 +295,8 @@ def _table(headers: list[str], rows: list[list[object]]) -> str:
 def _lineage(promotions: pd.DataFrame) -> str:
     if promotions.empty:
         return "No promotions yet."
-    rows = [[i + 1, _when(p.promoted_at), p.candidate_id, p.agent or NONE, _short(p.description), _num(p.gain, sign=True),
-             _num(p.new_mean), "not scored" if pd.isna(p.test_bpc) else _num(p.test_bpc),
+    rows = [[i + 1, _when(p.promoted_at), _name(p.candidate_id), _name(p.agent), _short(p.description),
+             _num(p.gain, sign=True), _num(p.new_mean), "not scored" if pd.isna(p.test_bpc) else _num(p.test_bpc),
              f"{_num(p.n_candidate, 0)} vs {_num(p.n_baseline, 0)}", _num(p.sigma)]
             for i, p in enumerate(promotions.itertuples())]
     headers = ["#", "time (UTC)", "candidate", "agent", "message", "gain (val)", "val bpc", "test bpc",
@@ -309,8 +319,8 @@ def _agents(trials: pd.DataFrame, promotions: pd.DataFrame, steps: pd.DataFrame)
         rows.append([agent, len(own), status.get("ok", 0), *(status.get(s, 0) for s in FAILED),
                      promoted.get(agent, 0), _num(own["total_seconds"].sum() / 3600, 2), _num(best, sign=True)])
     table = _table(["agent", "trials", "ok", *FAILED, "promotions", "GPU-hours", "best gain"], rows)
-    return table + ("\n\nbest gain: the largest (baseline mean in force when the run finished − its val bpc) over the "
-                    "agent's scored first and confirmation runs; the baseline is the step line of progress.png; "
+    return table + ("\n\nbest gain: the largest (baseline mean in force when the run finished − its val bpc) over "
+                    "the agent's scored first and confirmation runs; the baseline is the step line of progress.png; "
                     "positive means it beat the baseline.")
 
 
@@ -323,10 +333,11 @@ def _near_misses(trials: pd.DataFrame, promotions: pd.DataFrame) -> str:
     best = (by.agg(agent=("agent", "first"), description=("description", "first"), val_bpc=("val_bpc", "mean"),
                    runs=("val_bpc", "size"))
             .sort_values("val_bpc", kind="stable").head(NEAR_MISSES))
-    rows = [[i + 1, c, r.agent or NONE, _short(r.description), _num(r.val_bpc), r.runs]
+    rows = [[i + 1, c, _name(r.agent), _short(r.description), _num(r.val_bpc), r.runs]
             for i, (c, r) in enumerate(best.iterrows())]
+    headers = ["#", "candidate", "agent", "description", "val bpc", "runs"]
     return (f"The best {_plural(len(best), 'candidate')} never promoted, by mean val bpc over their scored runs "
-            "(control runs excluded).\n\n" + _table(["#", "candidate", "agent", "description", "val bpc", "runs"], rows))
+            "(control runs excluded).\n\n" + _table(headers, rows))
 
 
 def _union_seconds(intervals: pd.DataFrame) -> float:
@@ -363,7 +374,7 @@ def _summary(trials: pd.DataFrame, promotions: pd.DataFrame, steps: pd.DataFrame
     head = f"{_plural(len(trials), 'trial')} ({len(scored)} scored), {_plural(len(promotions), 'promotion')}"
     if len(scored):
         best = scored.loc[scored["val_bpc"].idxmin()]
-        head += f", best val bpc {_num(best['val_bpc'])} ({best['candidate_id']}, {best['agent'] or NONE})"
+        head += f", best val bpc {_num(best['val_bpc'])} ({_name(best['candidate_id'])}, {_name(best['agent'])})"
     if len(steps):
         head += f", baseline now {_num(steps['mean'].iloc[-1])}"
     sections = [
@@ -379,7 +390,10 @@ def _summary(trials: pd.DataFrame, promotions: pd.DataFrame, steps: pd.DataFrame
 # ---------------------------------------------------------------------------
 
 def write_report(results: Path, out: Path | None = None) -> dict:
-    """Write progress.png and summary.md from `results` into `out` (default results/report); return paths and counts."""
+    """Write progress.png and summary.md from `results` into `out` (default results/report).
+
+    Returns {"png", "summary": paths, "trials", "scored", "failed", "promotions": counts, "best_bpc": float or None}.
+    """
     results = Path(results)
     out = Path(out) if out is not None else results / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -398,7 +412,8 @@ def write_report(results: Path, out: Path | None = None) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m scheduler.report", description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path, nargs="?", default=Path("results"), help="results folder (default: results)")
+    parser.add_argument("results", type=Path, nargs="?", default=Path("results"),
+                        help="results folder (default: results)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: RESULTS/report)")
     args = parser.parse_args()
     report = write_report(args.results, args.out)

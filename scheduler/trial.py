@@ -44,7 +44,8 @@ class OutputLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        self.recent: deque[str] = deque(maxlen=TAIL_KEPT)       # always the last lines, for the result row
+        self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)    # lines past the head, written at close
         self.progress: dict = {}
         self.dropped = 0
         self._head_left = LOG_HEAD_BYTES
@@ -64,6 +65,7 @@ class OutputLog:
                     self.progress = json.loads(line[len(PROGRESS_TAG):])
                 except ValueError:
                     pass
+            self.recent.append(line)
             if self._head_left > 0:
                 self._file.write(line)
                 self._head_left -= len(raw)
@@ -78,11 +80,8 @@ class OutputLog:
             thread.join(timeout=10)
         self._threads.clear()
 
-    def last_lines(self, n: int = TAIL_KEPT) -> list[str]:
-        if self.tail:
-            return [l.rstrip("\n") for l in list(self.tail)[-n:]]
-        text = self.path.read_text(encoding="utf-8", errors="replace") if self.path.exists() else ""
-        return text.splitlines()[-n:]
+    def last_lines(self) -> list[str]:
+        return [line.rstrip("\n") for line in self.recent]
 
     def close(self) -> None:
         """Write the kept tail after the head, with a note of what was dropped in between."""

@@ -1,0 +1,474 @@
+"""The experiment's core on the CPU: harness (data, clock, save), evaluation, constants.
+
+    python -m pytest tests/test_core.py -q
+
+End-to-end tests train a tiny variant of train.py for a couple of seconds in a
+subprocess, exactly as `python train.py` or a scheduler trial runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scheduler import evaluate, harness
+from scheduler.constants import override
+
+SUMMARY_KEYS = (
+    "val_bpc", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
+    "total_tokens_M", "num_steps", "num_params_M", "depth", "precision",
+)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def clean_env(**values: object) -> dict[str, str]:
+    """os.environ without any SCHEDULER_* variable, plus `values`.
+
+    One thread per process: on a busy machine (tests run beside other work) several
+    spinning OpenMP threads can make a step of the tiny model take seconds instead of ~30 ms.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULER_")}
+    env["OMP_NUM_THREADS"] = "1"
+    env.update({k: str(v) for k, v in values.items()})
+    return env
+
+
+def run_python(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    """`python ARGS` in cwd, stdout and stderr together as text."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, timeout=timeout,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def summary_block(output: str) -> list[tuple[str, str]]:
+    """The (key, value) lines after the last `---` line of the output."""
+    lines = output.splitlines()
+    start = len(lines) - 1 - lines[::-1].index("---")
+    pairs = []
+    for line in lines[start + 1 :]:
+        key, _, value = line.partition(":")
+        pairs.append((key, value.strip()))
+    return pairs
+
+
+@pytest.fixture
+def harness_env(monkeypatch, tmp_path):
+    """An in-process harness environment: no SCHEDULER_* from outside, CPU, a trial (no hand-over to evaluation)."""
+    for name in list(os.environ):
+        if name.startswith("SCHEDULER_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("SCHEDULER_DEVICE", "cpu")
+    monkeypatch.setenv("SCHEDULER_TRIAL", "1")
+    monkeypatch.setenv("SCHEDULER_OUT", str(tmp_path / "out"))
+    return monkeypatch
+
+
+def train_only_folder(tmp_path: Path, data_dir: Path) -> Path:
+    """A folder that holds the train split and nothing else."""
+    folder = tmp_path / "train_only"
+    folder.mkdir()
+    (folder / "train.bin").write_bytes((data_dir / "train.bin").read_bytes())
+    return folder
+
+
+# ---------------------------------------------------------------------------- 1, 2: end to end
+
+
+def test_train_py_trains_and_is_scored(tmp_path, tiny_train, data_dir):
+    """`python train.py` outside the scheduler: trains for the budget, then hands over to the evaluation."""
+    out = tmp_path / "out"
+    env = clean_env(SCHEDULER_TRAIN_DATA=data_dir / "train.bin", SCHEDULER_OUT=out,
+                    SCHEDULER_BUDGET=2, SCHEDULER_DEVICE="cpu")
+    proc = run_python(["train.py"], cwd=tmp_path, env=env, timeout=90)
+    assert proc.returncode == 0, proc.stdout
+
+    block = summary_block(proc.stdout)
+    assert [key for key, _ in block] == list(SUMMARY_KEYS), proc.stdout
+    printed = dict(block)
+    assert printed["precision"] == "fp32" and printed["depth"] == "2"
+    assert printed["total_seconds"] != "n/a"  # the hand-over passes the run's start
+
+    result = json.loads((out / evaluate.RESULT_FILE).read_text())
+    assert math.isfinite(result["val_bpc"]) and result["val_bpc"] > 0
+    if result["num_steps"] >= 20:  # ~60 on an idle 2-core machine; an untrained model scores ~8.1
+        assert result["val_bpc"] < 8.0, proc.stdout
+    assert float(printed["val_bpc"]) == pytest.approx(result["val_bpc"], abs=1e-6)
+    assert result["precision"] == "fp32" and result["depth"] == 2
+    assert result["training_seconds"] >= 2.0
+    assert result["num_steps"] > harness.WARMUP_STEPS
+    assert result["total_tokens"] == result["num_steps"] * 4 * 256
+    assert result["bytes_scored"] == (data_dir / "val.bin").stat().st_size - 1
+    assert result["total_seconds"] >= result["training_seconds"]
+    assert (out / harness.WEIGHTS_FILE).is_file()
+
+
+def test_trial_saves_only_and_evaluation_is_deterministic(tmp_path, tiny_train, data_dir):
+    """Under the scheduler (SCHEDULER_TRIAL) training only saves, from a folder holding nothing but
+    the train split; the evaluation, a separate process, gives the same figure every time."""
+    out = tmp_path / "out"
+    env = clean_env(SCHEDULER_TRAIN_DATA=train_only_folder(tmp_path, data_dir) / "train.bin",
+                    SCHEDULER_OUT=out, SCHEDULER_BUDGET=1, SCHEDULER_DEVICE="cpu", SCHEDULER_TRIAL=1)
+    proc = run_python(["train.py"], cwd=tmp_path, env=env, timeout=90)
+    assert proc.returncode == 0, proc.stdout
+    assert "val_bpc" not in proc.stdout and "---" not in proc.stdout.splitlines()
+    assert sorted(p.name for p in out.iterdir()) == sorted([harness.WEIGHTS_FILE, harness.STATS_FILE])
+    stats = json.loads((out / harness.STATS_FILE).read_text())
+    assert stats["precision"] == "fp32" and stats["training_seconds"] >= 1.0
+
+    scores = []
+    for _ in range(2):
+        proc = run_python(["-m", "scheduler.evaluate", "train.py", str(out), "--data-dir", str(data_dir),
+                           "--device", "cpu"], cwd=tmp_path, env=clean_env(), timeout=60)
+        assert proc.returncode == 0, proc.stdout
+        assert [key for key, _ in summary_block(proc.stdout)] == list(SUMMARY_KEYS)
+        result = json.loads((out / evaluate.RESULT_FILE).read_text())
+        assert result["num_steps"] == stats["num_steps"]  # the training statistics are carried over
+        scores.append(result["val_bpc"])
+    assert math.isfinite(scores[0]) and scores[0] > 0
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6)
+    assert scores[0] == scores[1]  # CPU: bit-identical
+
+
+# ---------------------------------------------------------------------------- 3: score
+
+
+class Uniform(torch.nn.Module):
+    """Zero logits: every byte gets probability 1/256, i.e. exactly 8 bits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(x.shape))
+        return torch.zeros(*x.shape, evaluate.VOCAB)
+
+
+class Successor(torch.nn.Module):
+    """Confidently predicts byte (x + shift) % 256 after byte x."""
+
+    def __init__(self, shift: int) -> None:
+        super().__init__()
+        self.shift = shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 50.0 * torch.nn.functional.one_hot((x + self.shift) % 256, evaluate.VOCAB).float()
+
+
+W = evaluate.WINDOW
+
+
+@pytest.mark.parametrize("n", [W + 1, W + 2, 3 * W + 1, 3 * W + 500, (evaluate.BATCH_WINDOWS + 6) * W + 501])
+def test_score_covers_every_byte_but_the_first(n):
+    data = torch.from_numpy(np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8))
+    model = Uniform()
+    bpc, scored = evaluate.score(model, data, torch.device("cpu"))
+    assert scored == n - 1
+    assert bpc == pytest.approx(8.0, abs=1e-5)  # float32 log(256) and a float32 sum per batch: ~2e-6 off
+    assert sum(b * t for b, t in model.shapes) == n - 1  # each target byte once
+    full, rest = divmod(n - 1, W)
+    assert all(t == W and b <= evaluate.BATCH_WINDOWS for b, t in model.shapes[: -1 if rest else None])
+    if rest:
+        assert model.shapes[-1] == (1, rest)  # the partial last window
+    assert sum(b for b, t in model.shapes if t == W) == full
+
+
+def test_score_targets_are_the_next_byte():
+    """On a counting sequence, predicting x + 1 after x is right everywhere, including across windows
+    and in the partial last window; predicting x itself is wrong everywhere."""
+    data = torch.arange(5 * W + 300, dtype=torch.int64).remainder(256).to(torch.uint8)
+    right, _ = evaluate.score(Successor(1), data, torch.device("cpu"))
+    wrong, _ = evaluate.score(Successor(0), data, torch.device("cpu"))
+    assert right < 1e-6
+    assert wrong > 50
+
+
+def test_score_is_deterministic_for_a_trained_shape_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(256, 16), torch.nn.Linear(16, 256))
+    data = torch.from_numpy(np.random.default_rng(1).integers(0, 256, 2 * W + 77, dtype=np.uint8))
+    first = evaluate.score(model, data, torch.device("cpu"))
+    assert evaluate.score(model, data, torch.device("cpu")) == first
+
+
+# ---------------------------------------------------------------------------- 4: evaluation failures
+
+CANDIDATE = """
+import torch
+
+DIM = {dim}
+
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(256, DIM)
+
+    def forward(self, x):
+        return self.emb(x)
+
+
+def {builder}():
+    return Model()
+
+
+if __name__ == "__main__":
+    raise SystemExit("the training block must not run during the evaluation")
+"""
+
+
+def write_candidate(folder: Path, dim: int = 256, builder: str = "build_model") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "cand.py"
+    path.write_text(CANDIDATE.format(dim=dim, builder=builder))
+    return path
+
+
+def save_weights(out: Path, dim: int) -> None:
+    """Weights of the candidate with DIM = dim: Model().state_dict() is {"emb.weight": [256, DIM]}."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"emb.weight": torch.randn(256, dim)}, out / harness.WEIGHTS_FILE)
+
+
+def run_main(capsys, candidate: Path, out: Path, data_dir: Path) -> tuple[int, list[str]]:
+    code = evaluate.main([str(candidate), str(out), "--data-dir", str(data_dir), "--device", "cpu"])
+    return code, capsys.readouterr().out.splitlines()
+
+
+def test_eval_of_a_good_candidate(tmp_path, data_dir, capsys):
+    candidate = write_candidate(tmp_path / "ok")
+    save_weights(tmp_path / "out", dim=256)
+    code, lines = run_main(capsys, candidate, tmp_path / "out", data_dir)
+    assert code == 0, lines
+    result = json.loads((tmp_path / "out" / evaluate.RESULT_FILE).read_text())
+    assert math.isfinite(result["val_bpc"]) and result["val_bpc"] > 0
+    assert result["bytes_scored"] == (data_dir / "val.bin").stat().st_size - 1
+    assert lines[-1].startswith("precision:")  # no train_stats.json: the block still prints, with n/a
+
+
+def test_eval_wrong_output_shape_cli(tmp_path, data_dir):
+    candidate = write_candidate(tmp_path / "cand", dim=128)
+    save_weights(tmp_path / "out", dim=128)
+    proc = run_python(["-m", "scheduler.evaluate", str(candidate), str(tmp_path / "out"), "--data-dir",
+                       str(data_dir), "--device", "cpu"], cwd=tmp_path, env=clean_env(), timeout=60)
+    assert proc.returncode == 1, proc.stdout
+    last = proc.stdout.splitlines()[-1]
+    assert last.startswith(evaluate.FAIL_TAG), proc.stdout
+    windows = min((data_dir / "val.bin").stat().st_size - 1, evaluate.BATCH_WINDOWS * W) // W
+    assert f"({windows}, {W}, 128)" in last and f"({windows}, {W}, 256)" in last
+    assert not (tmp_path / "out" / evaluate.RESULT_FILE).exists()
+
+
+def test_eval_missing_build_model(tmp_path, data_dir, capsys):
+    candidate = write_candidate(tmp_path / "cand", builder="make_model")
+    save_weights(tmp_path / "out", dim=256)
+    code, lines = run_main(capsys, candidate, tmp_path / "out", data_dir)
+    assert code == 1
+    assert lines[-1].startswith(evaluate.FAIL_TAG) and "build_model" in lines[-1]
+    assert not (tmp_path / "out" / evaluate.RESULT_FILE).exists()
+
+
+@pytest.mark.parametrize("saved", ["other_size", "other_keys"])
+def test_eval_weights_that_do_not_fit(tmp_path, data_dir, capsys, saved):
+    candidate = write_candidate(tmp_path / "cand", dim=256)
+    out = tmp_path / "out"
+    if saved == "other_size":
+        save_weights(out, dim=128)
+    else:
+        out.mkdir()
+        torch.save({"something.else": torch.zeros(3)}, out / harness.WEIGHTS_FILE)
+    code, lines = run_main(capsys, candidate, out, data_dir)
+    assert code == 1
+    assert lines[-1].startswith(evaluate.FAIL_TAG) and "do not fit" in lines[-1]
+    assert not (out / evaluate.RESULT_FILE).exists()
+
+
+def test_eval_non_finite_logits(tmp_path, data_dir, capsys):
+    candidate = write_candidate(tmp_path / "cand", dim=256)
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save({"emb.weight": torch.full((256, 256), float("nan"))}, out / harness.WEIGHTS_FILE)
+    code, lines = run_main(capsys, candidate, out, data_dir)
+    assert code == 1
+    assert lines[-1].startswith(evaluate.FAIL_TAG) and "non-finite" in lines[-1]
+
+
+# ---------------------------------------------------------------------------- 5: NaN
+
+NAN_SCRIPT = """
+import torch
+from scheduler import harness
+
+run = harness.Run()
+while not run.done():
+    bad = run.steps >= {bad_from}
+    run.step(torch.tensor(float("{value}") if bad else 1.0), tokens=1)
+run.finish(torch.nn.Linear(1, 1))
+"""
+
+
+@pytest.mark.parametrize("value,bad_from", [("nan", 0), ("inf", 20)])
+def test_non_finite_loss_exits_with_exit_nan(tmp_path, data_dir, value, bad_from):
+    """From the first step (checked at once) or after the warmup (checked within SYNC_EVERY);
+    the default 300 s budget is far from spent."""
+    (tmp_path / "cand.py").write_text(NAN_SCRIPT.format(value=value, bad_from=bad_from))
+    env = clean_env(SCHEDULER_TRAIN_DATA=data_dir / "train.bin", SCHEDULER_OUT=tmp_path / "out",
+                    SCHEDULER_DEVICE="cpu")
+    started = time.monotonic()
+    proc = run_python(["cand.py"], cwd=tmp_path, env=env, timeout=30)
+    assert proc.returncode == harness.EXIT_NAN, proc.stdout
+    assert time.monotonic() - started < 15
+    assert f"loss is {value}" in proc.stdout
+    assert not (tmp_path / "out" / harness.WEIGHTS_FILE).exists()
+
+
+def test_nan_in_a_loop_that_never_asks_done(harness_env, data_dir):
+    """A loop of run.step() calls without run.done() still has its loss checked (no TypeError)."""
+    harness_env.setenv("SCHEDULER_TRAIN_DATA", str(data_dir / "train.bin"))
+    run = harness.Run()
+    with pytest.raises(SystemExit) as exit_info:
+        for _ in range(10):
+            run.step(torch.tensor(float("nan")), tokens=1)
+    assert exit_info.value.code == harness.EXIT_NAN
+
+
+# ---------------------------------------------------------------------------- 6: train split only
+
+
+def test_run_reads_only_the_train_split(harness_env, tmp_path, data_dir):
+    folder = train_only_folder(tmp_path, data_dir)
+    harness_env.setenv("SCHEDULER_TRAIN_DATA", str(folder / "train.bin"))
+    read = []
+    real_fromfile = np.fromfile
+    harness_env.setattr(harness.np, "fromfile", lambda path, *a, **k: read.append(Path(path)) or real_fromfile(path, *a, **k))
+
+    run = harness.Run()
+    assert read == [folder / "train.bin"]
+    train = np.fromfile(data_dir / "train.bin", dtype=np.uint8)
+    assert run.train.numel() == train.size and run.train.device.type == "cpu"
+
+    batch = run.batch(8, 64)
+    assert batch.shape == (8, 65) and batch.dtype == torch.long
+    haystack = train.tobytes()
+    for row in batch:  # each row is a contiguous window of the train split
+        assert bytes(row.to(torch.uint8).tolist()) in haystack
+
+
+def test_run_without_train_split_says_how_to_fix(harness_env, tmp_path):
+    harness_env.setenv("SCHEDULER_TRAIN_DATA", str(tmp_path / "nowhere" / "train.bin"))
+    with pytest.raises(SystemExit) as exit_info:
+        harness.Run()
+    assert "prepare" in str(exit_info.value.code)
+
+
+def test_batches_follow_the_seed(harness_env, data_dir):
+    harness_env.setenv("SCHEDULER_TRAIN_DATA", str(data_dir / "train.bin"))
+    harness_env.setenv("SCHEDULER_SEED", "7")
+    a, b = harness.Run().batch(4, 32), harness.Run().batch(4, 32)
+    harness_env.setenv("SCHEDULER_SEED", "8")
+    c = harness.Run().batch(4, 32)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ---------------------------------------------------------------------------- 7: peak TFLOP/s
+
+
+@pytest.mark.parametrize("name,tflops", [
+    ("NVIDIA H100 80GB HBM3", 989.0),
+    ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100-PCIE-40GB", 312.0),
+    ("NVIDIA H200", 989.0),
+    ("NVIDIA L40S", 362.0),
+    ("NVIDIA L4", 121.0),
+    ("NVIDIA GeForce GTX 1080 Ti", None),
+    ("Tesla V100-SXM2-16GB", None),
+    ("cpu", None),
+])
+def test_peak_tflops(name, tflops):
+    assert harness.peak_tflops(name) == tflops
+
+
+# ---------------------------------------------------------------------------- 8: the budget clock
+
+
+def test_budget_counts_training_time_only(harness_env, tmp_path, data_dir):
+    """First steps that take 0.3 s each (a "compilation") are warmup; the loop stops after ~1 s counted."""
+    harness_env.setenv("SCHEDULER_TRAIN_DATA", str(data_dir / "train.bin"))
+    harness_env.setenv("SCHEDULER_BUDGET", "1")
+    run = harness.Run()
+    model = torch.nn.Linear(2, 2)
+    progress = []
+    started = time.perf_counter()
+    while not run.done():
+        time.sleep(0.3 if run.steps < harness.WARMUP_STEPS else 0.002)
+        progress.append(run.progress)
+        run.step(torch.tensor(1.0), tokens=10)
+    wall = time.perf_counter() - started
+    run.finish(model, precision="fp32")
+
+    stats = json.loads((tmp_path / "out" / harness.STATS_FILE).read_text())
+    assert 1.0 <= stats["training_seconds"] <= 1.5
+    assert stats["warmup_seconds"] >= 0.85  # three 0.3 s steps, not counted
+    assert wall >= stats["training_seconds"] + stats["warmup_seconds"] - 0.01
+    assert stats["num_steps"] > harness.WARMUP_STEPS + 100
+    assert stats["total_tokens"] == 10 * stats["num_steps"]
+    assert stats["budget"] == 1.0 and stats["precision"] == "fp32" and stats["gpu_name"] == "cpu"
+    assert progress[: harness.WARMUP_STEPS] == [0.0] * harness.WARMUP_STEPS
+    assert progress == sorted(progress) and 0.5 < progress[-1] <= 1.0
+    saved = torch.load(tmp_path / "out" / harness.WEIGHTS_FILE, weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------- 9: constants.override
+
+SOURCE = textwrap.dedent("""\
+    MODEL_DIM = 768           # hidden width
+    LEARNING_RATE = 2e-3      # AdamAtan2 part
+    MUON_LEARNING_RATE = 2e-3 # Muon part
+    NAME = "base"
+    USE_FP8 = False
+
+
+    def f():
+        MODEL_DIM = 1
+        return MODEL_DIM
+""")
+
+
+def test_override_changes_values_and_keeps_comments():
+    new = override(SOURCE, MODEL_DIM=32, LEARNING_RATE=0.01, NAME="x y", USE_FP8=True)
+    lines = new.splitlines()
+    assert lines[0] == "MODEL_DIM = 32           # hidden width"
+    assert lines[1] == "LEARNING_RATE = 0.01      # AdamAtan2 part"
+    assert lines[2] == "MUON_LEARNING_RATE = 2e-3 # Muon part"  # a name that ends like another is untouched
+    assert lines[3] == "NAME = 'x y'" and lines[4] == "USE_FP8 = True"
+    assert "    MODEL_DIM = 1" in lines  # not module level
+    namespace: dict = {}
+    exec(new, namespace)
+    assert (namespace["MODEL_DIM"], namespace["LEARNING_RATE"], namespace["f"]()) == (32, 0.01, 1)
+
+
+def test_override_unknown_name_is_an_error():
+    with pytest.raises(KeyError, match="MODEL_WIDTH"):
+        override(SOURCE, MODEL_WIDTH=32)
+    with pytest.raises(KeyError):
+        override(SOURCE, DIM=32)  # a suffix of MODEL_DIM is not MODEL_DIM
+
+
+def test_override_of_the_real_train_py(tiny_train_source):
+    real = (Path(__file__).resolve().parents[1] / "train.py").read_text()
+    assert override(real) == real
+    assert "MODEL_DIM = 32           # hidden width" in tiny_train_source
+    assert "MAX_SEQ_LEN = 256        # context length in bytes" in tiny_train_source

@@ -1,0 +1,150 @@
+"""End to end on the CPU: launch with pretend GPUs, intake, trials, Parquet rows, selection, restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from scheduler import results
+from scheduler.constants import override
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = dict(MODEL_DIM=32, MODEL_DEPTH=1, MODEL_HEADS=2, BATCH_SIZE=4)
+LAUNCH = ["launch", "--pretend-gpus", "3", "--device", "cpu", "--budget", "2", "--no-dashboard",
+          "--startup-allowance", "60"]
+
+pytestmark = pytest.mark.slow
+
+
+def scheduler(root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scheduler", "--root", str(root), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=root)
+
+
+def make_root(tmp: Path, corpus: Path) -> Path:
+    root = tmp / "root"
+    root.mkdir()
+    (root / "train.py").write_text(override((REPO / "train.py").read_text(), **TINY))
+    assert scheduler(root, "prepare", "--from", str(corpus)).returncode == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    import random
+
+    rng = random.Random(0)
+    words = ["the", "of", "and", "model", "<page>", "[[wiki]]", "data", "history", "</text>", "\n"]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(" ".join(rng.choice(words) for _ in range(50_000)))
+    return path
+
+
+def variant(**constants) -> str:
+    return override((REPO / "train.py").read_text(), **{**TINY, **constants})
+
+
+def with_main(body: str) -> str:
+    """A candidate whose training block is replaced by `body` (build_model stays)."""
+    source = variant()
+    head = source[: source.rindex('if __name__ == "__main__":')]
+    return head + 'if __name__ == "__main__":\n' + "".join(f"    {line}\n" for line in body.splitlines())
+
+
+def test_launch_runs_every_candidate_once(tmp_path, corpus):
+    root = make_root(tmp_path, corpus)
+    sources = {
+        "a1": [variant(LEARNING_RATE=3e-3), variant(LEARNING_RATE=5e-3),
+               with_main("raise RuntimeError('deliberate crash')")],
+        "a2": [variant(MUON_LEARNING_RATE=3e-3),
+               with_main("import torch\nraise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2 GiB')"),
+               with_main("import torch\nfrom scheduler import harness\nrun = harness.Run()\n"
+                         "while True:\n    run.step(torch.tensor(float('nan')), tokens=1)")],
+    }
+    ids = {}
+    for agent, files in sources.items():
+        for i, text in enumerate(files):
+            path = tmp_path / f"{agent}_{i}.py"
+            path.write_text(text)
+            done = scheduler(root, "submit", str(path), "--agent", agent, "-m", f"variant {i}")
+            assert done.returncode == 0, done.stderr
+            ids[done.stdout.strip()] = (agent, i)
+    bad = {"syntax.py": "def f(:\n", "nomodel.py": "x = 1\n", "notes.txt": "hello\n", "empty.py": ""}
+    for name, text in bad.items():
+        (root / "candidates" / name).write_text(text)
+
+    done = scheduler(root, *LAUNCH, "--exit-when-idle", "--promotion", "greedy")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    frame = results.read_trials(root / "results")
+    first_runs = frame[frame["kind"] == "candidate"]
+    assert len(first_runs) == 10, first_runs[["candidate_id", "status", "reason"]]
+    assert first_runs["candidate_id"].is_unique
+    by_id = first_runs.set_index("candidate_id")
+    statuses = {ids[c]: by_id.loc[c, "status"] for c in ids}
+    assert statuses == {("a1", 0): "ok", ("a1", 1): "ok", ("a1", 2): "crash",
+                        ("a2", 0): "ok", ("a2", 1): "oom", ("a2", 2): "nan"}
+    crash = by_id.loc[[c for c in ids if ids[c] == ("a1", 2)][0]]
+    assert "deliberate crash" in crash["reason"] and "RuntimeError" in crash["error_tail"]
+    rejected = first_runs[first_runs["status"] == "rejected"]
+    reasons = " ".join(rejected["reason"])
+    for expected in ("does not parse: line 1", "no module-level build_model", "not a .py file", "empty file"):
+        assert expected in reasons
+
+    # At most 3 trials at once, and trials that overlap in time ran on distinct pretend GPUs.
+    ran = frame[frame["status"] != "rejected"].reset_index(drop=True)
+    assert set(ran["gpu_id"]) <= {"0", "1", "2"}
+    events = sorted([(t, +1) for t in ran["started_at"]] + [(t, -1) for t in ran["finished_at"]],
+                    key=lambda e: (e[0], e[1]))
+    at_once = [sum(step for _, step in events[: i + 1]) for i in range(len(events))]
+    assert max(at_once) <= 3
+    for i, a in ran.iterrows():
+        for j, b in ran.iterrows():
+            if i < j and a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"]:
+                assert a["gpu_id"] != b["gpu_id"], (a["trial_id"], b["trial_id"])
+
+    listed = json.loads(scheduler(root, "results", "--json").stdout)
+    assert len(listed) == len(frame)
+    assert pd.read_parquet(root / "results" / "trials").shape[0] == len(frame)
+
+    # A second launch runs nothing again.
+    again = scheduler(root, *LAUNCH, "--exit-when-idle", "--promotion", "greedy")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(results.read_trials(root / "results")) == len(frame)
+
+
+def test_kill_9_then_relaunch_loses_nothing(tmp_path, corpus):
+    root = make_root(tmp_path, corpus)
+    slow = variant()  # tiny model, but a long budget: it is still training when launch is killed
+    path = tmp_path / "slow.py"
+    path.write_text(slow)
+    cid = scheduler(root, "submit", str(path), "--agent", "a1", "-m", "slow").stdout.strip()
+    launch = subprocess.Popen([sys.executable, "-m", "scheduler", "--root", str(root), "launch", "--pretend-gpus", "1",
+                               "--device", "cpu", "--budget", "60", "--no-dashboard"],
+                              cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((root / "results" / "live").glob(f"{cid}-r1.json")):
+        time.sleep(0.5)
+    assert list((root / "results" / "live").glob(f"{cid}-r1.json")), "the trial never started"
+    os.killpg(launch.pid, signal.SIGKILL)  # launch and its Ray die; the orphaned candidate is cleaned up on relaunch
+    launch.wait()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+
+    done = scheduler(root, "launch", "--pretend-gpus", "1", "--device", "cpu", "--budget", "2", "--no-dashboard",
+                     "--exit-when-idle")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = results.read_trials(root / "results")
+    mine = rows[rows["candidate_id"] == cid].set_index("trial_id")
+    assert mine.loc[f"{cid}-r1", "status"] == "interrupted"
+    assert mine.loc[f"{cid}-r1-a2", "status"] == "ok"
+    assert len(mine) == 2
+    leftover = subprocess.run(["pgrep", "-f", f"{root}/results/runs"], capture_output=True, text=True)
+    assert leftover.stdout == "", "a trial process survived"
