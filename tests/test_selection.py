@@ -1,0 +1,102 @@
+"""The selection actor: noise-aware promotion end to end, atomic replacement of train.py, state on disk."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scheduler import queue, results
+from scheduler.layout import Layout, sha256_bytes
+from scheduler.selection import Selection
+
+from test_scheduler import REPO, corpus, make_root, scheduler, variant  # noqa: F401  (corpus is a fixture)
+
+
+def row(trial_id: str, candidate_id: str, kind: str, bpc: float, baseline: str, sha: str = "") -> dict:
+    return {"trial_id": trial_id, "candidate_id": candidate_id, "kind": kind, "status": "ok", "val_bpc": bpc,
+            "gpu_name": "gpu-a", "baseline": baseline, "agent": "a1", "description": "d", "source_sha256": sha,
+            "parent": baseline}
+
+
+def test_rule_in_the_actor_confirms_then_promotes_and_state_survives(tmp_path):
+    layout = Layout.at(tmp_path)
+    layout.make()
+    layout.baseline.write_text(variant())
+    old_source = layout.baseline.read_bytes()
+    selection = Selection(str(tmp_path))
+    base = selection.sync_baseline()["baseline"]
+    assert [e.kind for e in queue.pending(layout)] == ["control"]  # an unscored baseline is run first
+    for i, bpc in enumerate([2.00, 2.01, 1.99]):
+        selection.record(row(f"c{i}", base, "control", bpc, base))
+
+    better = variant(LEARNING_RATE=9e-3).encode()
+    sha = sha256_bytes(better)
+    (layout.sources / f"{sha}.py").write_bytes(better)
+    first = selection.record(row("cand-r1", "cand", "candidate", 1.90, base, sha))
+    assert first["decision"] == "confirm"
+    reruns = [e for e in queue.pending(layout) if e.kind == "confirm"]
+    assert [e.seed for e in reruns] == [1, 2] and all(e.candidate_id == "cand" for e in reruns)
+
+    again = Selection(str(tmp_path))  # a restarted actor: the same state from disk
+    assert again.summary()["scores"] == selection.summary()["scores"]
+    decided = again.record(row("cand-r2", "cand", "confirm", 1.91, base, sha))
+    assert decided["decision"] == "promote", decided  # sequential: 0.09 better on 2 runs is enough
+    assert not [e for e in queue.pending(layout) if e.candidate_id == "cand"]  # its last rerun is dropped
+    assert layout.baseline.read_bytes() == better
+    assert (layout.baselines / f"{sha256_bytes(old_source)}.py").read_bytes() == old_source
+    event = results.read_promotions(layout.results).iloc[0]
+    assert event["candidate_id"] == "cand" and event["n_candidate"] == 2 and event["gain"] > 0.09
+    assert not list(layout.root.glob(".train.py.tmp"))
+    assert json.loads(layout.selection_state.read_text())["baseline_sha"] == sha
+
+
+def test_candidate_identical_in_score_is_not_promoted(tmp_path):
+    layout = Layout.at(tmp_path)
+    layout.make()
+    layout.baseline.write_text(variant())
+    selection = Selection(str(tmp_path))
+    base = selection.sync_baseline()["baseline"]
+    for i, bpc in enumerate([2.00, 2.02, 1.98]):
+        selection.record(row(f"c{i}", base, "control", bpc, base))
+    same = layout.baseline.read_bytes() + b"\n# same model\n"
+    sha = sha256_bytes(same)
+    (layout.sources / f"{sha}.py").write_bytes(same)
+    assert selection.record(row("same-r1", "same", "candidate", 2.00, base, sha))["decision"] == "reject"
+    assert layout.baseline.read_bytes() == variant().encode()
+
+
+def test_broken_train_py_is_restored_from_the_archive(tmp_path):
+    layout = Layout.at(tmp_path)
+    layout.make()
+    layout.baseline.write_text(variant())
+    good = layout.baseline.read_bytes()
+    selection = Selection(str(tmp_path))
+    selection.sync_baseline()
+    layout.baseline.write_text("def broken(:\n")
+    notes = selection.sync_baseline()["notes"]
+    assert layout.baseline.read_bytes() == good and "restored" in notes[0]
+    layout.baseline.unlink()
+    assert "restored" in selection.sync_baseline()["notes"][0] and layout.baseline.read_bytes() == good
+
+
+@pytest.mark.slow
+def test_launch_promotes_a_clearly_better_candidate(tmp_path, corpus):  # noqa: F811
+    root = make_root(tmp_path, corpus)
+    before = (root / "train.py").read_bytes()
+    good = tmp_path / "good.py"
+    good.write_text(variant(LEARNING_RATE=1e-2, MUON_LEARNING_RATE=1e-2))  # learns much faster in 2 s
+    cid = scheduler(root, "submit", str(good), "--agent", "a1", "-m", "learning rate 1e-2").stdout.strip()
+    done = scheduler(root, "launch", "--pretend-gpus", "2", "--device", "cpu", "--budget", "2", "--no-dashboard",
+                     "--exit-when-idle")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = results.read_trials(root / "results")
+    mine = rows[rows["candidate_id"] == cid]
+    assert {"candidate", "confirm"} <= set(mine["kind"]), mine[["trial_id", "kind", "val_bpc"]]
+    assert (root / "train.py").read_text() == good.read_text()
+    assert (root / "results" / "baselines" / f"{sha256_bytes(before)}.py").exists()
+    info = json.loads(scheduler(root, "baseline", "--json").stdout)
+    assert info["lineage"][0]["candidate_id"] == cid
