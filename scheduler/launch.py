@@ -158,7 +158,6 @@ def launch(opts: LaunchOptions) -> int:
         info = ray.get(selection.sync_baseline.remote())
         for note in info["notes"]:
             say(note)
-        dashboard = ray.get_runtime_context().dashboard_url if hasattr(ray.get_runtime_context(), "dashboard_url") else None
         say(f"{n_gpus} GPU(s){' (pretend, on the CPU)' if opts.pretend_gpus else ''}, budget {opts.budget:.0f} s, "
             f"baseline {info['baseline']}, root {layout.root}")
         if opts.dashboard:

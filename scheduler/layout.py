@@ -39,11 +39,33 @@ class Layout:
     def results(self) -> Path:
         return self.root / "results"
 
-    def __getattr__(self, name: str) -> Path:
-        # results/<name> for the folders listed in the docstring
-        if name in ("sources", "rejected", "queue", "runs", "live", "baselines", "control"):
-            return self.results / name
-        raise AttributeError(name)
+    @property
+    def sources(self) -> Path:
+        return self.results / "sources"
+
+    @property
+    def rejected(self) -> Path:
+        return self.results / "rejected"
+
+    @property
+    def queue(self) -> Path:
+        return self.results / "queue"
+
+    @property
+    def runs(self) -> Path:
+        return self.results / "runs"
+
+    @property
+    def live(self) -> Path:
+        return self.results / "live"
+
+    @property
+    def baselines(self) -> Path:
+        return self.results / "baselines"
+
+    @property
+    def control(self) -> Path:
+        return self.results / "control"
 
     @property
     def running(self) -> Path:

@@ -97,6 +97,11 @@ class RecordResults(Callback):
         score = f"{row['val_bpc']:.4f} bpc" if row.get("val_bpc") is not None else row.get("reason", "")
         say(f"done  {row['trial_id']}: {row['status']} {score} -> {decision.get('decision')}")
 
+    def on_experiment_end(self, trials, **info) -> None:
+        self._write_rows(self._layout())
+        for row in self.unwritten:  # the disk still refuses: print the rows, so they are not lost
+            say(f"UNWRITTEN RESULT {json.dumps(row, default=str)}")
+
     def _write_rows(self, layout: Layout) -> None:
         for row in list(self.unwritten):
             try:
