@@ -32,7 +32,7 @@ from scheduler import harness
 # Model (x-transformers Decoder)
 MODEL_DIM = 768           # hidden width
 MODEL_DEPTH = 8           # transformer layers
-MODEL_HEADS = 6           # attention heads (head dim = MODEL_DIM / MODEL_HEADS)
+MODEL_HEADS = 6           # attention heads, each 64 wide (x-transformers' default attn_dim_head)
 MAX_SEQ_LEN = 1024        # context length in bytes
 VOCAB_SIZE = 256          # one token per byte value
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ray.tune import Stopper
-
 from scheduler.layout import Layout
 
 DRAIN, STOP_NOW = "drain", "stop-now"
@@ -31,16 +29,3 @@ def clear(layout: Layout) -> None:
 
 def drain_requested(layout: Layout) -> bool:
     return (layout.control / DRAIN).exists()
-
-
-class StopNow(Stopper):
-    """Tune asks this after every result: stop everything once `stop --now` (or a second Ctrl-C) asked."""
-
-    def __init__(self, root: str, data_dir: str) -> None:
-        self.root, self.data_dir = root, data_dir
-
-    def __call__(self, trial_id: str, result: dict) -> bool:
-        return False
-
-    def stop_all(self) -> bool:
-        return (Layout.at(self.root, self.data_dir).control / STOP_NOW).exists()

@@ -82,7 +82,7 @@ def recover_interrupted(layout: Layout) -> None:
     from scheduler.trial import kill_marked
 
     for entry in queue.running(layout):
-        kill_marked(entry.trial_id)  # its candidate may still be running, orphaned
+        kill_marked(str(layout.runs / entry.trial_id))  # its candidate may still be running, orphaned
         results.write_row(layout.results, {
             "trial_id": entry.trial_id, "candidate_id": entry.candidate_id, "kind": entry.kind, "agent": entry.agent,
             "parent": entry.parent, "description": entry.description, "source_sha256": entry.source_sha256,
@@ -148,9 +148,8 @@ def launch(opts: LaunchOptions) -> int:
         control.clear(layout)
         recover_interrupted(layout)
 
-        from scheduler.control import StopNow
         from scheduler.record import RecordResults
-        from scheduler.search import QueueSearcher
+        from scheduler.search import QueueSearcher, StopNow
         from scheduler.selection import selection_actor
         from scheduler.trial import run_trial
 
@@ -187,5 +186,5 @@ def launch(opts: LaunchOptions) -> int:
         from scheduler.trial import kill_marked
 
         for entry in queue.running(layout):
-            kill_marked(entry.trial_id)
+            kill_marked(str(layout.runs / entry.trial_id))
         ray.shutdown()

@@ -26,6 +26,16 @@ from scheduler.selection import ACTOR_NAME
 ROW_FIELDS = ("trial_id", "candidate_id", "kind", "agent", "parent", "baseline", "description", "source_sha256", "seed")
 
 
+def error_text(trial) -> str:
+    """The last line of the error Tune recorded for a trial, if it kept one."""
+    try:
+        with open(trial.error_file) as f:
+            lines = [line.strip() for line in f if line.strip()]
+        return lines[-1][:300] if lines else "no error text"
+    except (OSError, TypeError, AttributeError):
+        return "no error text"
+
+
 def say(message: str) -> None:
     print(f"[scheduler] {message}", file=sys.stderr, flush=True)
 
@@ -70,7 +80,7 @@ class RecordResults(Callback):
         self._finish(row)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._interrupted(trial, f"the Ray worker running it failed: {str(trial.error_msg or '')[:300]}")
+        self._interrupted(trial, f"the Ray worker running it failed: {error_text(trial)}")
 
     def _interrupted(self, trial, reason: str) -> None:
         c = trial.config

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 
+from ray.tune import Stopper
 from ray.tune.search import Searcher
 
 from scheduler import control, intake, queue
@@ -84,3 +85,16 @@ class QueueSearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         pass
+
+
+class StopNow(Stopper):
+    """Tune asks this after every result: stop everything once `stop --now` (or a second Ctrl-C) asked."""
+
+    def __init__(self, root: str, data_dir: str) -> None:
+        self.root, self.data_dir = root, data_dir
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return (Layout.at(self.root, self.data_dir).control / control.STOP_NOW).exists()

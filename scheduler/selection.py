@@ -30,6 +30,7 @@ from scheduler.layout import Layout, baseline_id, sha256_bytes
 from scheduler.promotion import PromotionRule, RuleConfig, Verdict
 
 ACTOR_NAME = "selection"
+MAX_FAILED_CONTROLS = 2  # a baseline that fails this many control runs in a row is not run again by itself
 
 
 def usable_baseline(source: bytes) -> str | None:
@@ -55,6 +56,7 @@ class Selection:
         self.candidates: dict[str, dict] = state.get("candidates", {})   # id -> {scores: {gpu: [...]}, outstanding, done}
         self.trials_since_control: int = state.get("trials_since_control", 0)
         self.controls: int = state.get("controls", 0)
+        self.failed_controls: int = state.get("failed_controls", 0)
         self.notes: list[str] = []
 
     # ------------------------------------------------------------------ state
@@ -62,6 +64,7 @@ class Selection:
     def _save(self) -> None:
         state = {"rule": self.rule.to_dict(), "baseline_sha": self.baseline_sha, "candidates": self.candidates,
                  "trials_since_control": self.trials_since_control, "controls": self.controls,
+                 "failed_controls": self.failed_controls,
                  "rule_config": asdict(self.rule_config)}
         path = self.layout.selection_state
         tmp = path.with_name(f".{path.name}.tmp")
@@ -92,7 +95,7 @@ class Selection:
             sha = sha256_bytes(source)
             if sha != self.baseline_sha:
                 self._archive_baseline(source)
-                self.baseline_sha = sha
+                self.baseline_sha, self.failed_controls = sha, 0
                 self._save()
         elif self.baseline_sha:
             archived = (self.layout.baselines / f"{self.baseline_sha}.py").read_bytes()
@@ -114,6 +117,10 @@ class Selection:
         return any(e.kind == "control" for e in queue.pending(self.layout) + queue.running(self.layout))
 
     def _queue_control(self) -> None:
+        if self.failed_controls >= MAX_FAILED_CONTROLS:
+            self.notes.append(f"the baseline failed its last {self.failed_controls} control runs: see "
+                              f"`python -m scheduler show {self.baseline()}` and fix train.py")
+            return
         self.controls += 1
         queue.push(self.layout, queue.Entry(
             trial_id=f"{self.baseline()}-c{self.controls}", candidate_id=self.baseline(), kind="control",
@@ -136,10 +143,14 @@ class Selection:
         """Take one finished trial's row; returns what was decided."""
         gpu, kind, status = row.get("gpu_name") or "unknown", row["kind"], row["status"]
         if kind == "control":
-            if status == "ok" and row.get("baseline") == self.baseline():
+            if row.get("baseline") != self.baseline():
+                return {"decision": "control run of an older baseline, not counted"}
+            if status == "ok":
+                self.failed_controls = 0
                 self.rule.add_baseline_score(gpu, row["val_bpc"])
                 self._save()
                 return self._rejudge_waiting(gpu)
+            self.failed_controls += 1
             self._save()
             return {"decision": "control run not counted", "status": status}
 
@@ -206,7 +217,7 @@ class Selection:
         old = self.baseline()
         self._archive_baseline(source)
         self._write_train_py(source)
-        self.baseline_sha = sha256_bytes(source)
+        self.baseline_sha, self.failed_controls = sha256_bytes(source), 0
         self.rule.promote(gpu, scores)
         candidate["done"] = True
         queue.drop(self.layout, cid)

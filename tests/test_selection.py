@@ -100,3 +100,20 @@ def test_launch_promotes_a_clearly_better_candidate(tmp_path, corpus):  # noqa: 
     assert (root / "results" / "baselines" / f"{sha256_bytes(before)}.py").exists()
     info = json.loads(scheduler(root, "baseline", "--json").stdout)
     assert info["lineage"][0]["candidate_id"] == cid
+
+
+def test_a_failing_baseline_is_not_rerun_for_ever(tmp_path):
+    layout = Layout.at(tmp_path)
+    layout.make()
+    layout.baseline.write_text(variant())
+    selection = Selection(str(tmp_path))
+    base = selection.sync_baseline()["baseline"]
+    for i in range(3):
+        for entry in queue.pending(layout):
+            queue.take(layout)
+            queue.finish(layout, entry.trial_id)
+            selection.record({**row(entry.trial_id, base, "control", None, base), "status": "crash"})
+        selection.sync_baseline()
+    assert not queue.pending(layout)
+    assert selection.controls == 2
+    assert "failed its last 2 control runs" in " ".join(selection.summary()["notes"] + selection.sync_baseline()["notes"])
