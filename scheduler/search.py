@@ -33,7 +33,6 @@ class QueueSearcher(Searcher):
         self.root, self.data_dir = root, data_dir
         self.settings = settings          # budget, device, omp_threads, startup_allowance, eval_timeout
         self.exit_when_idle = exit_when_idle
-        self.live: dict[str, str] = {}    # Tune's trial id -> our trial id
         self._last_scan = 0.0
 
     def _layout(self) -> Layout:
@@ -52,7 +51,6 @@ class QueueSearcher(Searcher):
             if self.exit_when_idle and not queue.running(layout) and not intake.waiting(layout):
                 return Searcher.FINISHED
             return None
-        self.live[trial_id] = entry.trial_id
         return self._config(layout, entry, baseline)
 
     def _baseline(self) -> str:
@@ -77,7 +75,7 @@ class QueueSearcher(Searcher):
                 "data_dir": str(layout.data), "runs_dir": str(layout.runs)}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        self.live.pop(trial_id, None)
+        pass  # the result callback records the trial and clears its queue entry
 
     # The queue on disk is the searcher's state: Tune's experiment checkpoints need nothing more.
     def save(self, checkpoint_path: str) -> None:

@@ -225,8 +225,7 @@ def run_trial(config: dict) -> dict:
         tune.report({**log.progress, "phase": "eval", "elapsed": round(time.time() - started, 1)})
         eval_cmd = [sys.executable, "-m", "scheduler.evaluate", "train.py", str(out_dir),
                     "--data-dir", config["data_dir"], "--device", config["device"]]
-        eval_env = {**env, "SCHEDULER_TRIAL": "1"}
-        code, timed_out = run_process(eval_cmd, workdir, eval_env, config["eval_timeout"], log, lambda: None)
+        code, timed_out = run_process(eval_cmd, workdir, env, config["eval_timeout"], log, lambda: None)
         result_file = out_dir / RESULT_FILE
         if code == 0 and not timed_out and result_file.exists():
             status, reason = "ok", ""
