@@ -153,8 +153,7 @@ class Run:
 
     def done(self) -> bool:
         """True once the counted training time has reached the budget."""
-        if self._last_mark is None:
-            self._last_mark = time.perf_counter()
+        self._start_clock()
         if self.steps < WARMUP_STEPS or self._elapsed() < self.budget:
             return False
         self._sync()  # the estimate says the budget is spent: confirm with the device's real time
@@ -168,8 +167,7 @@ class Run:
     def step(self, loss: torch.Tensor | float, tokens: int) -> None:
         """End of one optimizer step. Waits for the device only about once a second (and on the
         first steps), so the CPU can queue the next steps while the GPU works."""
-        if self._last_mark is None:  # a loop that never asked done(): the clock starts here
-            self._last_mark = time.perf_counter()
+        self._start_clock()
         self.steps += 1
         self.tokens += tokens
         if self.steps > WARMUP_STEPS:
@@ -178,6 +176,11 @@ class Run:
         if self.steps <= WARMUP_STEPS or time.perf_counter() - self._last_mark >= SYNC_EVERY:
             self._sync()
 
+    def _start_clock(self) -> None:
+        """The clock starts at the first done(), step() or finish(), whichever the candidate calls first."""
+        if self._last_mark is None:
+            self._last_mark = time.perf_counter()
+
     def _elapsed(self) -> float:
         """Counted training seconds, including work queued since the last wait for the device."""
         if self.steps <= WARMUP_STEPS:
@@ -185,6 +188,7 @@ class Run:
         return self.training_seconds + time.perf_counter() - self._last_mark
 
     def _sync(self) -> None:
+        self._start_clock()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
