@@ -72,18 +72,12 @@ def trials_dir(results: Path) -> Path:
     return results / "trials"
 
 
-def write_row(results: Path, row: dict) -> Path:
-    """Write one trial's row atomically (temporary file, fsync, rename); unknown keys are an error."""
-    unknown = set(row) - set(COLUMNS)
-    if unknown:
-        raise KeyError(f"not result columns: {sorted(unknown)}")
-    if row.get("status") not in STATUSES:
-        raise ValueError(f"status {row.get('status')!r} is not one of {STATUSES}")
-    folder = trials_dir(results)
+def _write_one(folder: Path, name: str, record: dict, schema: pa.Schema) -> Path:
+    """One record as its own Parquet file, atomically: temporary file, fsync, rename."""
     folder.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist([{name: row.get(name) for name in COLUMNS}], schema=SCHEMA)
-    path = folder / f"{row['trial_id']}.parquet"
-    tmp = folder / f".{row['trial_id']}.parquet.tmp"
+    table = pa.Table.from_pylist([{column: record.get(column) for column in schema.names}], schema=schema)
+    path = folder / f"{name}.parquet"
+    tmp = folder / f".{name}.parquet.tmp"
     with open(tmp, "wb") as out:
         pq.write_table(table, out)
         out.flush()
@@ -92,21 +86,35 @@ def write_row(results: Path, row: dict) -> Path:
     return path
 
 
+def _read_all(folder: Path, schema: pa.Schema, order_by: str) -> pd.DataFrame:
+    """Every file of a folder as one frame; a damaged file is skipped with a warning that names it."""
+    tables = []
+    for path in sorted(folder.glob("*.parquet")):
+        try:
+            tables.append(pq.read_table(path, schema=schema))
+        except Exception as error:  # truncated or foreign file: keep going, say which
+            warnings.warn(f"skipping damaged result file {path}: {error}", stacklevel=3)
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
+    return table.to_pandas().sort_values(order_by, kind="stable").reset_index(drop=True)
+
+
+def write_row(results: Path, row: dict) -> Path:
+    """Write one trial's row; unknown keys and statuses are errors."""
+    unknown = set(row) - set(COLUMNS)
+    if unknown:
+        raise KeyError(f"not result columns: {sorted(unknown)}")
+    if row.get("status") not in STATUSES:
+        raise ValueError(f"status {row.get('status')!r} is not one of {STATUSES}")
+    return _write_one(trials_dir(results), row["trial_id"], row, SCHEMA)
+
+
 def has_row(results: Path, trial_id: str) -> bool:
     return (trials_dir(results) / f"{trial_id}.parquet").exists()
 
 
 def read_trials(results: Path) -> pd.DataFrame:
     """All rows, oldest first. A damaged file is skipped with a warning that names it."""
-    tables = []
-    for path in sorted(trials_dir(results).glob("*.parquet")):
-        try:
-            tables.append(pq.read_table(path, schema=SCHEMA))
-        except Exception as error:  # truncated or foreign file: keep going, say which
-            warnings.warn(f"skipping damaged result file {path}: {error}", stacklevel=2)
-    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-    frame = table.to_pandas()
-    return frame.sort_values("finished_at", kind="stable").reset_index(drop=True)
+    return _read_all(trials_dir(results), SCHEMA, "finished_at")
 
 
 # ---------------------------------------------------------------------------
@@ -138,23 +146,9 @@ def promotions_dir(results: Path) -> Path:
 
 
 def write_promotion(results: Path, event: dict) -> Path:
-    folder = promotions_dir(results)
-    folder.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist([{name: event.get(name) for name in PROMOTION_SCHEMA.names}], schema=PROMOTION_SCHEMA)
     stamp = event["promoted_at"].strftime("%Y%m%dT%H%M%S%f")
-    path = folder / f"{stamp}-{event['candidate_id']}.parquet"
-    tmp = folder / f".{path.name}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+    return _write_one(promotions_dir(results), f"{stamp}-{event['candidate_id']}", event, PROMOTION_SCHEMA)
 
 
 def read_promotions(results: Path) -> pd.DataFrame:
-    tables = []
-    for path in sorted(promotions_dir(results).glob("*.parquet")):
-        try:
-            tables.append(pq.read_table(path, schema=PROMOTION_SCHEMA))
-        except Exception as error:
-            warnings.warn(f"skipping damaged promotion file {path}: {error}", stacklevel=2)
-    table = pa.concat_tables(tables) if tables else PROMOTION_SCHEMA.empty_table()
-    return table.to_pandas().sort_values("promoted_at", kind="stable").reset_index(drop=True)
+    return _read_all(promotions_dir(results), PROMOTION_SCHEMA, "promoted_at")
