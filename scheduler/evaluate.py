@@ -35,6 +35,7 @@ from scheduler.harness import STATS_FILE, WEIGHTS_FILE
 WINDOW = 1024          # bytes of context per window; windows do not overlap
 BATCH_WINDOWS = 64     # windows per forward pass
 VOCAB = 256
+CAUSAL_TOLERANCE = 1e-3  # logits of a causal model do not move at all; this only absorbs kernel noise
 RESULT_FILE = "result.json"
 FAIL_TAG = "EVAL_FAILED: "
 
@@ -54,6 +55,34 @@ def load_candidate(path: Path) -> ModuleType:
     return module
 
 
+def autocast(device: torch.device):
+    """BF16 autocast on a GPU, plain FP32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def check_causal(model: torch.nn.Module, data: torch.Tensor, device: torch.device) -> None:
+    """A model whose logits at a position depend on later bytes would score impossibly well: refuse it.
+
+    Changes one byte in the middle and the last byte of a window; the logits before
+    each changed position must not move.
+    """
+    x = data[:WINDOW].to(device).long()[None]
+    with autocast(device):
+        reference = model(x)
+        if not isinstance(reference, torch.Tensor):
+            return  # score() reports the wrong output type
+        for position in (WINDOW // 2, x.shape[1] - 1):
+            changed = x.clone()
+            changed[0, position] = (changed[0, position] + 1) % VOCAB
+            moved = (model(changed)[:, :position].float() - reference[:, :position].float()).abs().max().item()
+            if moved > CAUSAL_TOLERANCE:
+                raise EvalError(f"not causal: changing byte {position} moved the logits of earlier positions by "
+                                f"{moved:.3g}; the model must not see the bytes it predicts")
+
+
 @torch.no_grad()
 def score(model: torch.nn.Module, data: torch.Tensor, device: torch.device) -> tuple[float, int]:
     """Bits per character of `model` over every byte of `data` after the first.
@@ -71,12 +100,11 @@ def score(model: torch.nn.Module, data: torch.Tensor, device: torch.device) -> t
     if rest:
         pieces.append((data[full * WINDOW : -1][None], data[full * WINDOW + 1 :][None]))
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     total_nats = 0.0
     for x, y in pieces:
         x = x.to(device, non_blocking=True).long()
         y = y.to(device, non_blocking=True).long()
-        with autocast:
+        with autocast(device):
             logits = model(x)
         if not isinstance(logits, torch.Tensor) or logits.shape != (*x.shape, VOCAB):
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -108,6 +136,7 @@ def evaluate(candidate: Path, weights: Path, split_file: Path, device: torch.dev
     if device.type == "cuda":
         data = data.to(device)
         torch.cuda.synchronize(device)
+    check_causal(model, data, device)
     t0 = time.time()
     bpc, n = score(model, data, device)
     return {"bpc": bpc, "bytes_scored": n, "score_seconds": round(time.time() - t0, 3),

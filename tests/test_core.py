@@ -472,3 +472,19 @@ def test_override_of_the_real_train_py(tiny_train_source):
     assert override(real) == real
     assert "MODEL_DIM = 32           # hidden width" in tiny_train_source
     assert "MAX_SEQ_LEN = 256        # context length in bytes" in tiny_train_source
+
+
+def test_a_model_that_sees_later_bytes_is_refused():
+    import torch
+
+    from scheduler.evaluate import EvalError, check_causal
+
+    class PeeksAhead(torch.nn.Module):
+        def forward(self, x):
+            future = torch.roll(x, shifts=-1, dims=1)  # position t sees byte t+1: the byte it predicts
+            return torch.nn.functional.one_hot(future, 256).float() * 10
+
+    data = torch.randint(0, 256, (5000,), dtype=torch.uint8)
+    with pytest.raises(EvalError, match="not causal"):
+        check_causal(PeeksAhead(), data, torch.device("cpu"))
+    check_causal(torch.nn.Sequential(torch.nn.Embedding(256, 256)), data, torch.device("cpu"))  # causal: passes
