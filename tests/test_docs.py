@@ -145,3 +145,18 @@ def test_extraction_examples():
         ["wait", PLACEHOLDERS["$ID"], "--timeout", "5"],
     ]
     assert "python -m scheduler" not in prose
+
+
+def test_main_job_command_without_a_gpu_says_how_to_use_the_cpu(tmp_path):
+    """README's main job on a machine with no GPU: a clear message and the CPU-mode hint, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "train.py").write_text((Path(__file__).resolve().parent.parent / "train.py").read_text())
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}  # no nvidia-smi
+    done = subprocess.run([sys.executable, "-m", "scheduler", "launch", "--gpus", "all"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "no GPU found" in done.stderr and "--pretend-gpus 2 --device cpu" in done.stderr
+    assert "Traceback" not in done.stderr
