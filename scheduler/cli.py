@@ -128,12 +128,15 @@ def cmd_wait(args, layout: Layout) -> int:
     last_note = ""
     while True:
         rows = [r for r in _rows_of(layout, args.id) if r["kind"] == "candidate"]
-        if rows:
+        retrying = any(e.candidate_id == args.id for e in queue.pending(layout) + queue.running(layout))
+        if rows and not (rows[-1]["status"] == "interrupted" and retrying):
             row = rows[-1]
             print(json.dumps(row) if args.json else
                   f"{row['candidate_id']}: {row['status']}"
                   + (f" val_bpc {row['val_bpc']:.4f}" if row.get("val_bpc") is not None else f" ({row['reason']})"))
             return OK if row["status"] == "ok" else FAILED
+        if not rows and not retrying and not _submitted(layout, args.id):
+            return fail(f"no candidate {args.id}: see `python -m scheduler results` for the ids")
         live = sorted(layout.live.glob(f"{args.id}-*.json")) if layout.live.is_dir() else []
         note = "queued" if not live else _progress_line(json.loads(live[0].read_text()))
         if note != last_note and not args.json:
@@ -142,6 +145,11 @@ def cmd_wait(args, layout: Layout) -> int:
         if time.monotonic() > deadline:
             return fail(f"no result for {args.id} within {args.timeout:.0f} s; it is {note}", TIMEOUT)
         time.sleep(1.0)
+
+
+def _submitted(layout: Layout, candidate_id: str) -> bool:
+    """Is the candidate's file still waiting in candidates/ (or being claimed by intake)?"""
+    return (layout.candidates / f"{candidate_id}.py").exists() or (layout.rejected / f".claim-{candidate_id}").exists()
 
 
 def _progress_line(live: dict) -> str:
@@ -172,11 +180,13 @@ def cmd_status(args, layout: Layout) -> int:
     for entry in queue.running(layout):
         path = layout.live / f"{entry.trial_id}.json"
         live = json.loads(path.read_text()) if path.exists() else {}
-        running.append({"trial_id": entry.trial_id, "agent": entry.agent, "kind": entry.kind,
+        running.append({"trial_id": entry.trial_id, "candidate_id": entry.candidate_id, "agent": entry.agent,
+                        "kind": entry.kind, "description": entry.description,
                         "elapsed": round(time.time() - live["started"], 1) if "started" in live else None,
                         "progress": _progress_line(live) if live else "starting", **{k: live.get(k) for k in ("loss", "step")}})
     state = {"baseline": current_baseline(layout),
-             "queued": [{"trial_id": e.trial_id, "agent": e.agent, "kind": e.kind} for e in queue.pending(layout)],
+             "queued": [{"trial_id": e.trial_id, "candidate_id": e.candidate_id, "agent": e.agent, "kind": e.kind,
+                         "description": e.description} for e in queue.pending(layout)],
              "running": running, "draining": control.drain_requested(layout)}
     if args.json:
         print(json.dumps(state))
@@ -184,9 +194,10 @@ def cmd_status(args, layout: Layout) -> int:
     print(f"baseline {state['baseline']}; {len(state['queued'])} queued, {len(running)} running"
           + (" (draining)" if state["draining"] else ""))
     for r in running:
-        print(f"  running {r['trial_id']} ({r['kind']}, {r['agent'] or '-'}) {r['elapsed'] or 0:.0f}s: {r['progress']}")
+        print(f"  running {r['trial_id']} ({r['kind']}, {r['agent'] or '-'}) {r['elapsed'] or 0:.0f}s: {r['progress']}"
+              f" | {r['description']}")
     for q in state["queued"][:20]:
-        print(f"  queued  {q['trial_id']} ({q['kind']}, {q['agent'] or '-'})")
+        print(f"  queued  {q['trial_id']} ({q['kind']}, {q['agent'] or '-'}) | {q['description']}")
     return OK
 
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from scheduler import queue, results
-from scheduler.layout import Layout, sha256_bytes
+from scheduler.layout import Layout, baseline_id, sha256_bytes
 
 MAX_BYTES = 1_000_000
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
@@ -103,9 +103,11 @@ def check(path: Path, name: str) -> tuple[str | None, bytes]:
 
 
 def _known_source(layout: Layout, sha: str) -> str | None:
-    """Candidate id of an accepted source with this hash, if any."""
+    """Id of an accepted candidate, or of a baseline, with this hash, if any."""
     record = layout.sources / f"{sha}.json"
-    return json.loads(record.read_text())["candidate_id"] if record.exists() else None
+    if record.exists():
+        return json.loads(record.read_text())["candidate_id"]
+    return baseline_id(sha) if (layout.baselines / f"{sha}.py").exists() else None
 
 
 def _archive(layout: Layout, sha: str, data: bytes, candidate_id: str) -> None:
@@ -147,7 +149,7 @@ def scan(layout: Layout, baseline: str) -> list[str]:
         sha = sha256_bytes(data) if data and reason is None else None
         duplicate_of = _known_source(layout, sha) if sha else None
         if duplicate_of:
-            reason = f"identical to candidate {duplicate_of} (same sha256): see its result"
+            reason = f"identical to {duplicate_of} (same sha256): see its result"
         row = {
             "candidate_id": candidate_id, "agent": meta.get("agent", ""), "description": meta.get("description", ""),
             "parent": meta.get("parent") or baseline, "submitted_at": meta.get("submitted_at", time.time()),
