@@ -22,13 +22,18 @@ def row(trial_id: str, candidate_id: str, kind: str, bpc: float, baseline: str, 
             "parent": baseline}
 
 
-def test_rule_in_the_actor_confirms_then_promotes_and_state_survives(tmp_path):
-    layout = Layout.at(tmp_path)
+def fresh(root: Path) -> tuple[Layout, Selection, str]:
+    """A root with the tiny baseline and a selection that has seen it (its control run queued)."""
+    layout = Layout.at(root)
     layout.make()
     layout.baseline.write_text(variant())
+    selection = Selection(str(root))
+    return layout, selection, selection.sync_baseline()["baseline"]
+
+
+def test_rule_in_the_actor_confirms_then_promotes_and_state_survives(tmp_path):
+    layout, selection, base = fresh(tmp_path)
     old_source = layout.baseline.read_bytes()
-    selection = Selection(str(tmp_path))
-    base = selection.sync_baseline()["baseline"]
     assert [e.kind for e in queue.pending(layout)] == ["control"]  # an unscored baseline is run first
     for i, bpc in enumerate([2.00, 2.01, 1.99]):
         selection.record(row(f"c{i}", base, "control", bpc, base))
@@ -55,11 +60,7 @@ def test_rule_in_the_actor_confirms_then_promotes_and_state_survives(tmp_path):
 
 
 def test_candidate_identical_in_score_is_not_promoted(tmp_path):
-    layout = Layout.at(tmp_path)
-    layout.make()
-    layout.baseline.write_text(variant())
-    selection = Selection(str(tmp_path))
-    base = selection.sync_baseline()["baseline"]
+    layout, selection, base = fresh(tmp_path)
     for i, bpc in enumerate([2.00, 2.02, 1.98]):
         selection.record(row(f"c{i}", base, "control", bpc, base))
     same = layout.baseline.read_bytes() + b"\n# same model\n"
@@ -70,12 +71,8 @@ def test_candidate_identical_in_score_is_not_promoted(tmp_path):
 
 
 def test_broken_train_py_is_restored_from_the_archive(tmp_path):
-    layout = Layout.at(tmp_path)
-    layout.make()
-    layout.baseline.write_text(variant())
+    layout, selection, _ = fresh(tmp_path)
     good = layout.baseline.read_bytes()
-    selection = Selection(str(tmp_path))
-    selection.sync_baseline()
     layout.baseline.write_text("def broken(:\n")
     notes = selection.sync_baseline()["notes"]
     assert layout.baseline.read_bytes() == good and "restored" in notes[0]
@@ -103,11 +100,7 @@ def test_launch_promotes_a_clearly_better_candidate(tmp_path, corpus):  # noqa: 
 
 
 def test_a_failing_baseline_is_not_rerun_for_ever(tmp_path):
-    layout = Layout.at(tmp_path)
-    layout.make()
-    layout.baseline.write_text(variant())
-    selection = Selection(str(tmp_path))
-    base = selection.sync_baseline()["baseline"]
+    layout, selection, base = fresh(tmp_path)
     for i in range(3):
         for entry in queue.pending(layout):
             queue.take(layout)
