@@ -194,7 +194,7 @@ def candidate_env(config: dict, out_dir: Path) -> dict:
     return env
 
 
-def run_trial(config: dict) -> dict:
+def run_trial(config: dict) -> None:
     """Ray Tune function trainable: train, score, and report the result row."""
     from ray import tune
 
@@ -223,10 +223,11 @@ def run_trial(config: dict) -> dict:
             status, reason = "crash", "training finished without saving weights: call run.finish(model)"
     else:
         tune.report({**log.progress, "phase": "eval", "elapsed": round(time.time() - started, 1)})
+        result_file = out_dir / RESULT_FILE
+        result_file.unlink(missing_ok=True)  # the score comes from the evaluation, never from the candidate
         eval_cmd = [sys.executable, "-m", "scheduler.evaluate", "train.py", str(out_dir),
                     "--data-dir", config["data_dir"], "--device", config["device"]]
         code, timed_out = run_process(eval_cmd, workdir, env, config["eval_timeout"], log, lambda: None)
-        result_file = out_dir / RESULT_FILE
         if code == 0 and not timed_out and result_file.exists():
             status, reason = "ok", ""
         else:
@@ -253,6 +254,4 @@ def run_trial(config: dict) -> dict:
         row["gpu_name"] = stats["gpu_name"]
     log.close()
     weights.unlink(missing_ok=True)  # scored: the weights are not needed again, and they are large
-    final = {"phase": "done", "result_row": json.dumps(row)}
-    tune.report(final)
-    return final
+    tune.report({"phase": "done", "result_row": json.dumps(row)})
