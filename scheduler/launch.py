@@ -10,6 +10,7 @@ On exit no trial process is left running.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -151,7 +152,7 @@ def launch(opts: LaunchOptions) -> int:
         from scheduler.record import RecordResults
         from scheduler.search import QueueSearcher, StopNow
         from scheduler.selection import selection_actor
-        from scheduler.trial import run_trial
+        from scheduler.trial import run_trial, ship_data
 
         selection = selection_actor(str(layout.root), opts.rule, opts.git_commit)
         info = ray.get(selection.sync_baseline.remote())
@@ -164,12 +165,13 @@ def launch(opts: LaunchOptions) -> int:
                 f"cat ~/.ray/auth_token (send it as 'Authorization: Bearer <token>')")
             if opts.dashboard_host != "127.0.0.1":
                 say(f"warning: the dashboard listens on {opts.dashboard_host}, reachable from other machines")
+        data_sha256 = json.loads((layout.data / prepare.META_FILE).read_text())["sha256"]
         settings = {"budget": opts.budget, "device": opts.device, "startup_allowance": opts.startup_allowance,
-                    "eval_timeout": opts.eval_timeout,
+                    "eval_timeout": opts.eval_timeout, "data_sha256": data_sha256,
                     "omp_threads": max(1, (os.cpu_count() or 1) // max(1, n_gpus))}
         _signal_handlers(layout)
         tuner = tune.Tuner(
-            tune.with_resources(run_trial, {"cpu": 0, "gpu": 1}),
+            tune.with_resources(tune.with_parameters(run_trial, shipped=ship_data(layout.data)), {"cpu": 0, "gpu": 1}),
             tune_config=tune.TuneConfig(
                 search_alg=QueueSearcher(str(layout.root), str(layout.data), settings, opts.exit_when_idle),
                 num_samples=-1, max_concurrent_trials=n_gpus, reuse_actors=True),

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from scheduler.evaluate import FAIL_TAG, RESULT_FILE
 from scheduler.harness import EXIT_NAN, PROGRESS_TAG, STATS_FILE, WEIGHTS_FILE
+from scheduler.prepare import META_FILE
 
 LOG_HEAD_BYTES = 256_000     # the log keeps the first bytes of output ...
 LOG_TAIL_LINES = 400         # ... and the last lines; a flood in between is counted, not kept
@@ -194,11 +195,58 @@ def candidate_env(config: dict, out_dir: Path) -> dict:
     return env
 
 
-def run_trial(config: dict) -> None:
+SHIPPED = ("train.bin", "val.bin")  # what a trial needs; the test split never leaves the driver
+
+
+def ship_data(data_dir: Path) -> list:
+    """Put the splits a trial needs into Ray's object store, once per launch, for nodes that lack the data.
+
+    Returns [ref]: a list, so that Tune hands the trial the reference and the
+    bytes travel only to a node that asks for them.
+    """
+    import numpy as np
+    import ray
+
+    shipped = {name: np.fromfile(data_dir / name, dtype=np.uint8) for name in SHIPPED}
+    shipped[META_FILE] = (data_dir / META_FILE).read_text()
+    return [ray.put(shipped)]
+
+
+def local_data(config: dict, shipped: list | None) -> str:
+    """The data folder on this node: the driver's path when it holds the same data, else a cache filled
+    from the object store and named by the corpus checksum (so it is fetched once per node)."""
+    import ray
+
+    wanted = config["data_sha256"]
+
+    def holds(folder: Path) -> bool:
+        try:
+            return json.loads((folder / META_FILE).read_text())["sha256"] == wanted and all(
+                (folder / name).exists() for name in SHIPPED)
+        except (OSError, ValueError, KeyError):
+            return False
+
+    if holds(Path(config["data_dir"])):
+        return config["data_dir"]
+    cache = Path(os.environ.get("SCHEDULER_DATA_CACHE", Path.home() / ".cache" / "gpu-research-scheduler")) / wanted
+    if not holds(cache):
+        if not shipped:
+            raise FileNotFoundError(f"no data at {config['data_dir']} on {socket.gethostname()} and none shipped")
+        data = ray.get(shipped[0])
+        cache.mkdir(parents=True, exist_ok=True)
+        for name in SHIPPED:
+            data[name].tofile(cache / f".{name}.tmp")
+            os.replace(cache / f".{name}.tmp", cache / name)
+        (cache / META_FILE).write_text(data[META_FILE])  # last: its presence says the rest is complete
+    return str(cache)
+
+
+def run_trial(config: dict, shipped: list | None = None) -> None:
     """Ray Tune function trainable: train, score, and report the result row."""
     from ray import tune
 
     started = time.time()
+    config = {**config, "data_dir": local_data(config, shipped)}
     workdir = Path(config["runs_dir"]) / config["trial_id"]
     workdir.mkdir(parents=True, exist_ok=True)
     out_dir = workdir / "out"
