@@ -91,6 +91,7 @@ def recover_interrupted(layout: Layout) -> None:
             "submitted_at": results.from_unix(entry.submitted_at), "finished_at": results.now(),
         })
         queue.finish(layout, entry.trial_id)
+        (layout.live / f"{entry.trial_id}.json").unlink(missing_ok=True)
         if entry.attempt == 1:
             entry.trial_id, entry.attempt = f"{entry.trial_id}-a2", 2
             queue.push(layout, entry, priority=queue.URGENT)
@@ -122,6 +123,11 @@ def launch(opts: LaunchOptions) -> int:
     if opts.pretend_gpus and opts.device != "cpu":
         raise LaunchError("--pretend-gpus runs trials on the CPU: add --device cpu")
 
+    local_gpus = None if opts.address or opts.pretend_gpus else choose_gpus(opts.gpus, count_gpus())
+    if not prepare.is_prepared(layout.data):
+        say(f"no data in {layout.data}: downloading and checking enwik8 (once)")
+        prepare.prepare(layout.data)
+
     import ray
     from ray import tune
 
@@ -136,15 +142,11 @@ def launch(opts: LaunchOptions) -> int:
         n_gpus = opts.pretend_gpus
         ray.init(num_gpus=n_gpus, **ray_init)
     else:
-        chosen = choose_gpus(opts.gpus, count_gpus())
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, chosen))
-        n_gpus = len(chosen)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, local_gpus))
+        n_gpus = len(local_gpus)
         ray.init(num_gpus=n_gpus, **ray_init)
 
     try:
-        if not prepare.is_prepared(layout.data):
-            say(f"no data in {layout.data}: downloading and checking enwik8 (once)")
-            prepare.prepare(layout.data)
         layout.make()
         control.clear(layout)
         recover_interrupted(layout)
