@@ -56,6 +56,7 @@ MANY_AGENT_COLOURS = tuple(c for i, c in enumerate(matplotlib.colormaps["tab20"]
 CONTROL_COLOUR = "0.35"
 TIME_FORMAT = "%Y-%m-%d %H:%M"
 NONE = "-"  # how a missing number is written in the summary
+UNNAMED = "(dropped by hand)"  # the agent of a file put into candidates/ without `submit`
 
 
 # ---------------------------------------------------------------------------
@@ -201,9 +202,10 @@ def _plot_progress(trials: pd.DataFrame, promotions: pd.DataFrame, steps: pd.Dat
     strip.grid(axis="x", alpha=0.3)
     strip.set_xlabel("finished at (UTC)", fontsize=11)
 
-    locator = mdates.AutoDateLocator()
-    strip.xaxis.set_major_locator(locator)
-    strip.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    strip.xaxis.set_major_locator(mdates.AutoDateLocator())
+    span = strip.get_xlim()[1] - strip.get_xlim()[0]  # in days
+    # Clock times on every tick (a concise formatter writes bare seconds, which read like minutes).
+    strip.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S" if span < 1 / 24 else "%m-%d %H:%M"))
     ax.grid(alpha=0.3)
     ax.set_ylabel("validation bits per character (lower is better)", fontsize=11)
 
@@ -398,6 +400,7 @@ def write_report(results: Path, out: Path | None = None) -> dict:
     out = Path(out) if out is not None else results / "report"
     out.mkdir(parents=True, exist_ok=True)
     trials, promotions = read_trials(results), read_promotions(results)
+    trials["agent"] = trials["agent"].fillna("").replace("", UNNAMED)  # files dropped by hand have no agent
     steps = _baseline_steps(trials, promotions)
     png, summary = out / "progress.png", out / "summary.md"
     _plot_progress(trials, promotions, steps, png)
