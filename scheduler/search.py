@@ -42,16 +42,15 @@ class QueueSearcher(Searcher):
         layout = self._layout()
         if control.drain_requested(layout):
             return Searcher.FINISHED
-        baseline = self._baseline()
-        if time.monotonic() - self._last_scan >= SCAN_EVERY:
+        if time.monotonic() - self._last_scan >= SCAN_EVERY and intake.waiting(layout):
             self._last_scan = time.monotonic()
-            intake.scan(layout, baseline)
+            intake.scan(layout, self._baseline())
         entry = queue.take(layout)
         if entry is None:
             if self.exit_when_idle and not queue.running(layout) and not intake.waiting(layout):
                 return Searcher.FINISHED
-            return None
-        return self._config(layout, entry, baseline)
+            return None  # idle polls (several a second) cost a folder listing, no call to the actor
+        return self._config(layout, entry, self._baseline())
 
     def _baseline(self) -> str:
         import ray
