@@ -2,8 +2,8 @@
 
     python bench/latency.py [--trials 6]
 
-Starts `launch --pretend-gpus 1 --device cpu` on a tiny train.py in a temporary
-folder, waits until the baseline's first run is over, then drops candidates one
+Starts `launch --pretend-gpus 1 --device cpu --promotion greedy` (no confirmation
+reruns to share the GPU with) on a tiny train.py in a temporary folder, waits until the baseline's first run is over, then drops candidates one
 at a time into candidates/ while the pretend GPU is free and times how long
 until each trial starts (its row's started_at, set when the trial function
 begins on the worker). Then it queues several at once and measures the gap
@@ -35,6 +35,12 @@ def rows(root: Path):
     return results.read_trials(root / "results")
 
 
+def first_runs(root: Path):
+    """Rows of candidates' first runs (not confirmation reruns or control runs of the baseline)."""
+    frame = rows(root)
+    return frame[frame["kind"] == "candidate"]
+
+
 def wait_for(predicate, timeout: float = 300.0) -> None:
     deadline = time.time() + timeout
     while not predicate():
@@ -57,18 +63,18 @@ def main() -> None:
                                     check=True, capture_output=True)
     run("prepare", "--from", str(corpus))
     launch = subprocess.Popen([sys.executable, "-m", "scheduler", "--root", str(root), "launch", "--pretend-gpus", "1",
-                               "--device", "cpu", "--budget", "1", "--no-dashboard"], env=env,
+                               "--device", "cpu", "--budget", "1", "--no-dashboard", "--promotion", "greedy"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: len(rows(root)) >= 1)  # the baseline's control run is done: the GPU is free
         time.sleep(2)
         drop_to_start = []
         for i in range(args.trials):
-            n = len(rows(root))
+            n = len(first_runs(root))
             dropped = time.time()
-            (root / "candidates" / f"single_{i}.py").write_text(override(base, GRAD_CLIP=1.0 + i / 100))
-            wait_for(lambda: len(rows(root)) > n)
-            row = rows(root).iloc[-1]
+            (root / "candidates" / f"single_{i}.py").write_text(override(base, GRAD_CLIP=1.5 + i / 100))
+            wait_for(lambda: len(first_runs(root)) > n)
+            row = first_runs(root).sort_values("started_at").iloc[-1]
             drop_to_start.append(row["started_at"].timestamp() - dropped)
             time.sleep(1)
         n = len(rows(root))
