@@ -21,6 +21,7 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 import torch
 import torch.nn.functional as F
 from adam_atan2_pytorch import MuonAdamAtan2
+from adam_atan2_pytorch.muon_adam_atan2 import newtonschulz5
 from x_transformers import Decoder, TransformerWrapper
 
 from scheduler import harness
@@ -77,9 +78,77 @@ def build_model() -> torch.nn.Module:
     )
 
 
+class BatchedMuonAdamAtan2(MuonAdamAtan2):
+    """MuonAdamAtan2's update, computed for many tensors at once.
+
+    The library steps parameter by parameter in Python: about 1,200 small GPU
+    kernels a step for the default model, 45 ms on an H100, as long as the
+    forward and backward pass together. This step does the same arithmetic
+    with foreach ops and one batched Newton-Schulz per matrix shape. Options
+    train.py does not use (regenerative regularisation, cautious updates,
+    NorMuon, decoupled weight decay) take the library's own step.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.decoupled_wd or any(g["regen_reg_rate"] > 0 or g["cautious_factor"] < 1 or g["use_normuon"]
+                                    for g in self.param_groups):
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            lr, wd = group["lr"], group["weight_decay"]
+            if wd > 0:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            grads = [p.grad for p in params]
+            states = [self.state[p] for p in params]
+            for p, state in zip(params, states):
+                if not state:
+                    state["steps"] = 0
+                    state["exp_avg"] = torch.zeros_like(p.grad)
+                    if not group["use_muon"]:
+                        state["exp_avg_sq"] = torch.zeros_like(p.grad)
+                state["steps"] += 1
+            exp_avgs = [state["exp_avg"] for state in states]
+            torch._foreach_lerp_(exp_avgs, grads, 1.0 - group["beta1"])
+            if group["use_muon"]:
+                self._muon_update(group, params, exp_avgs)
+            else:
+                self._adam_atan2_update(group, params, grads, states)
+        return loss
+
+    def _adam_atan2_update(self, group: dict, params: list, grads: list, states: list) -> None:
+        beta1, beta2, a, b = group["beta1"], group["beta2"], group["a"], group["b"]
+        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+        torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(grads, grads), 1.0 - beta2)
+        den = torch._foreach_mul(exp_avg_sqs, [b * b / (1.0 - beta2 ** s["steps"]) for s in states])
+        torch._foreach_sqrt_(den)
+        updates = torch._foreach_mul([s["exp_avg"] for s in states], [1.0 / (1.0 - beta1 ** s["steps"]) for s in states])
+        for update, d in zip(updates, den):  # there is no foreach atan2
+            update.atan2_(d)
+        torch._foreach_add_(params, updates, alpha=-group["lr"] * a)
+
+    def _muon_update(self, group: dict, params: list, exp_avgs: list) -> None:
+        by_shape: dict[torch.Size, list[int]] = {}
+        for i, exp_avg in enumerate(exp_avgs):
+            by_shape.setdefault(exp_avg.shape, []).append(i)
+        for shape, index in by_shape.items():
+            stacked = torch.stack([exp_avgs[i] for i in index])
+            if not self.muon_bypass_update_fn(len(shape)):
+                stacked = newtonschulz5(stacked, steps=group["muon_steps"], eps=group["muon_eps"],
+                                        coefs=group["muon_newton_schulz5_coefs"])
+            scale = max(shape[-2:]) ** 0.5 * group["muon_rms_factor"]  # match AdamW's update RMS (Kimi)
+            torch._foreach_add_([params[i] for i in index], list(stacked.unbind(0)), alpha=-group["lr"] * scale)
+
+
 def build_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     """Muon on the hidden matrices x-transformers names, AdamAtan2 on the rest."""
-    optimizer = MuonAdamAtan2(
+    optimizer = BatchedMuonAdamAtan2(
         muon_params=model.muon_parameters(),
         params=model.parameters(),
         lr=LEARNING_RATE,

@@ -488,3 +488,38 @@ def test_a_model_that_sees_later_bytes_is_refused():
     with pytest.raises(EvalError, match="not causal"):
         check_causal(PeeksAhead(), data, torch.device("cpu"))
     check_causal(torch.nn.Sequential(torch.nn.Embedding(256, 256)), data, torch.device("cpu"))  # causal: passes
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_batched_optimizer_matches_the_library(weight_decay):
+    """train.py's BatchedMuonAdamAtan2 takes the same steps as adam_atan2_pytorch's MuonAdamAtan2."""
+    import copy
+    import importlib.util
+
+    from adam_atan2_pytorch import MuonAdamAtan2
+
+    spec = importlib.util.spec_from_file_location("train_module", Path(__file__).resolve().parents[1] / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    train.MODEL_DIM, train.MODEL_DEPTH, train.MODEL_HEADS = 64, 2, 2
+    torch.manual_seed(0)
+    library_model = train.build_model()
+    batched_model = copy.deepcopy(library_model)
+    initial = copy.deepcopy(library_model)
+    settings = dict(lr=2e-3, muon_lr=3e-3, weight_decay=weight_decay)
+    pairs = [(library_model, MuonAdamAtan2(muon_params=library_model.muon_parameters(),
+                                           params=library_model.parameters(), **settings)),
+             (batched_model, train.BatchedMuonAdamAtan2(muon_params=batched_model.muon_parameters(),
+                                                        params=batched_model.parameters(), **settings))]
+    for _ in range(4):
+        batch = torch.randint(0, 256, (2, 33))
+        for model, optimizer in pairs:
+            logits = model(batch[:, :-1])
+            torch.nn.functional.cross_entropy(logits.view(-1, 256), batch[:, 1:].reshape(-1)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    moved = max((p - q).abs().max().item() for p, q in zip(library_model.parameters(), initial.parameters()))
+    assert moved > 1e-3  # the steps did something, so agreeing means something
+    for p, q in zip(library_model.parameters(), batched_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
+    assert pairs[1][1].state[next(iter(batched_model.parameters()))]["steps"] == 4
