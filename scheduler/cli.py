@@ -95,9 +95,15 @@ def cmd_prepare(args, layout: Layout) -> int:
 def cmd_launch(args, layout: Layout) -> int:
     from scheduler.launch import LaunchError, LaunchOptions, launch
     from scheduler.prepare import PrepareError
+    from scheduler.promotion import RuleConfig
 
     rule = {"policy": args.promotion, "min_delta": args.min_delta, "confirmations": args.confirmations,
-            "control_every": args.control_every}
+            "control_every": args.control_every, "min_baseline_runs": args.min_baseline_runs,
+            "prior_sigma": args.prior_sigma}
+    try:
+        RuleConfig(**rule)  # a bad setting is said here, before Ray starts
+    except ValueError as error:
+        return fail(f"promotion rule: {error}")
     opts = LaunchOptions(root=layout.root, data_dir=layout.data, gpus=args.gpus, budget=args.budget,
                          address=args.address, exit_when_idle=args.exit_when_idle, pretend_gpus=args.pretend_gpus,
                          device=args.device, dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host,
@@ -237,10 +243,15 @@ def cmd_baseline(args, layout: Layout) -> int:
 
     rule = PromotionRule(RuleConfig(**state.get("rule_config", {})), state.get("rule"))
     promotions = rows_as_dicts(results.read_promotions(layout.results))
+    tests = results.test_scores(results.read_trials(layout.results))
+    for p in promotions:
+        p["test_bpc"] = tests.get(p["new_baseline"])
+        old_test = tests.get(p["old_baseline"])
+        p["test_gain"] = None if p["test_bpc"] is None or old_test is None else old_test - p["test_bpc"]
     info = {"baseline": current_baseline(layout), "file": str(layout.baseline),
             "scores": {g: {"mean": sum(s) / len(s), "n": len(s), "sigma": rule.sigma(g)}
                        for g in rule.gpus() for s in [rule.baseline_scores(g)]},
-            "lineage": promotions}
+            "test_bpc": tests.get(current_baseline(layout)), "lineage": promotions}
     if args.json:
         print(json.dumps(info))
         return OK
@@ -249,9 +260,15 @@ def cmd_baseline(args, layout: Layout) -> int:
         print(f"  {gpu}: val bpc {s['mean']:.4f} ± {s['sigma']:.4f} (n={s['n']})")
     if not info["scores"]:
         print("  not scored yet")
+    if info["test_bpc"] is not None:
+        print(f"  test split: {info['test_bpc']:.4f} bpc")
+
+    def test_gain(p: dict) -> str:
+        return "not scored" if p["test_gain"] is None else f"{p['test_gain']:.4f}"
+
     for p in promotions:
         print(f"  {p['promoted_at'][:19]} {p['candidate_id']} ({p['agent']}): {p['description']} "
-              f"gain {p['gain']:.4f} (n={p['n_candidate']}, σ {p['sigma']:.4f})")
+              f"gain {p['gain']:.4f} on val, {test_gain(p)} on test (n={p['n_candidate']}, σ {p['sigma']:.4f})")
     return OK
 
 
@@ -269,6 +286,8 @@ def cmd_report(args, layout: Layout) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from scheduler.promotion import POLICIES, RuleConfig  # the rule's defaults are the options' defaults
+
     parser = argparse.ArgumentParser(prog="python -m scheduler", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--root", default=".", help="folder with train.py, candidates/, results/ (default: here)")
@@ -296,10 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dashboard", action="store_true")
     p.add_argument("--dashboard-host", default="127.0.0.1", help="listen address of the dashboard")
     p.add_argument("--startup-allowance", type=float, default=300.0, help="seconds beyond the budget before a kill")
-    p.add_argument("--promotion", default="noise-aware", choices=("noise-aware", "greedy"))
-    p.add_argument("--min-delta", type=float, default=0.002, help="bpc a candidate must gain beyond the noise")
-    p.add_argument("--confirmations", type=int, default=2, help="reruns of a candidate that screens well")
-    p.add_argument("--control-every", type=int, default=50, help="a control run of the baseline every N trials")
+    p.add_argument("--promotion", default=RuleConfig.policy, choices=POLICIES,
+                   help="noise-aware: confirm with reruns; greedy: promote any first score below the baseline mean")
+    p.add_argument("--min-delta", type=float, default=RuleConfig.min_delta,
+                   help="bpc a candidate must gain beyond the noise")
+    p.add_argument("--confirmations", type=int, default=RuleConfig.confirmations,
+                   help="reruns of a candidate that screens well")
+    p.add_argument("--control-every", type=int, default=RuleConfig.control_every,
+                   help="a control run of the baseline every N trials")
+    p.add_argument("--min-baseline-runs", type=int, default=RuleConfig.min_baseline_runs,
+                   help="control runs until the baseline has this many scores")
+    p.add_argument("--prior-sigma", type=float, default=RuleConfig.prior_sigma,
+                   help="run-to-run noise in bpc assumed until reruns measure it")
     p.add_argument("--git-commit", action="store_true", help="commit train.py on each promotion")
 
     p = command("submit", cmd_submit, "queue a train.py variant", json_flag=True)

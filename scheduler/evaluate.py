@@ -188,8 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # the candidate's own code failed while scoring: say what, keep the traceback short
         print(FAIL_TAG + f"{type(error).__name__}: {error}".splitlines()[0][:500], flush=True)
         return 1
-    result.update({f"{args.split}_bpc": round(scored["bpc"], 6), "eval_seconds": scored["eval_seconds"],
-                   "score_seconds": scored["score_seconds"], "bytes_scored": scored["bytes_scored"]})
+    if args.split == "val":
+        result.update({"val_bpc": round(scored["bpc"], 6), "eval_seconds": scored["eval_seconds"],
+                       "score_seconds": scored["score_seconds"], "bytes_scored": scored["bytes_scored"]})
+    else:  # an addition to the validation result: its timings stay those of the validation scoring
+        result.update({"test_bpc": round(scored["bpc"], 6), "test_eval_seconds": scored["eval_seconds"]})
     if args.started is not None:
         result["total_seconds"] = round(time.time() - args.started, 1)
     result_path.write_text(json.dumps(result, indent=2))

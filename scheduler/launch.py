@@ -15,15 +15,16 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scheduler import control, prepare, queue, results
+from scheduler import control, prepare, queue
 from scheduler.layout import Layout
 from scheduler.record import say
 
 DASHBOARD_PORT = 8265
+LOCAL_HOST = "127.0.0.1"
+UMASK = 0o022  # at least: nothing launch, its Ray or its trials write is writable by other users
 
 
 class LaunchError(Exception):
@@ -41,7 +42,7 @@ class LaunchOptions:
     pretend_gpus: int = 0
     device: str = "cuda"
     dashboard: bool = True
-    dashboard_host: str = "127.0.0.1"
+    dashboard_host: str = LOCAL_HOST
     startup_allowance: float = 300.0  # seconds beyond the budget before a trial is killed (imports, compile)
     eval_timeout: float = 600.0
     rule: dict = field(default_factory=dict)
@@ -78,24 +79,22 @@ def choose_gpus(spec: str, available: int) -> list[int]:
     return chosen
 
 
-def recover_interrupted(layout: Layout) -> None:
-    """Trials a dead launch was running: one `interrupted` row each, and queued again once."""
-    from scheduler.trial import kill_marked
-
+def recover_interrupted(layout: Layout, recorder) -> None:
+    """Trials a dead launch was running: handled like any interrupted trial (`RecordResults.interrupted`):
+    whatever of them still runs is killed, one `interrupted` row each, and queued again once."""
     for entry in queue.running(layout):
-        kill_marked(str(layout.runs / entry.trial_id))  # its candidate may still be running, orphaned
-        results.write_row(layout.results, {
-            "trial_id": entry.trial_id, "candidate_id": entry.candidate_id, "kind": entry.kind, "agent": entry.agent,
-            "parent": entry.parent, "description": entry.description, "source_sha256": entry.source_sha256,
-            "seed": entry.seed, "status": "interrupted", "reason": "launch stopped while this trial ran",
-            "submitted_at": results.from_unix(entry.submitted_at), "finished_at": results.now(),
-        })
-        queue.finish(layout, entry.trial_id)
-        (layout.live / f"{entry.trial_id}.json").unlink(missing_ok=True)
-        if entry.attempt == 1:
-            entry.trial_id, entry.attempt = f"{entry.trial_id}-a2", 2
-            queue.push(layout, entry, priority=queue.URGENT)
-            say(f"{entry.candidate_id}: interrupted by the last launch, queued again once")
+        recorder.interrupted(vars(entry), "launch stopped while this trial ran")
+
+
+def dashboard_lines(host: str, url: str) -> list[str]:
+    """What launch says about the dashboard: where it is, how to get the token it asks for, and a warning
+    when it listens beyond this machine."""
+    lines = [f"dashboard: http://{url} — it asks for Ray's token: cat ~/.ray/auth_token "
+             f"(send it as 'Authorization: Bearer <token>')"]
+    if host != LOCAL_HOST:
+        lines.append(f"warning: the dashboard listens on {host}, reachable from other machines; "
+                     f"prefer the default and an SSH tunnel: ssh -L {DASHBOARD_PORT}:{LOCAL_HOST}:{DASHBOARD_PORT} HOST")
+    return lines
 
 
 def _signal_handlers(layout: Layout) -> None:
@@ -113,6 +112,7 @@ def _signal_handlers(layout: Layout) -> None:
 
 
 def launch(opts: LaunchOptions) -> int:
+    os.umask(os.umask(UMASK) | UMASK)  # inherited by Ray's processes and the trials they start
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     layout = Layout.at(opts.root, opts.data_dir)
@@ -134,22 +134,21 @@ def launch(opts: LaunchOptions) -> int:
     ray_init = {"include_dashboard": opts.dashboard, "dashboard_host": opts.dashboard_host,
                 "log_to_driver": False, "configure_logging": False}
     if opts.address:
-        ray.init(address=opts.address, log_to_driver=False)
+        context = ray.init(address=opts.address, log_to_driver=False)
         n_gpus = int(ray.cluster_resources().get("GPU", 0))
         if n_gpus == 0:
             raise LaunchError(f"the Ray cluster at {opts.address} has no GPUs")
     elif opts.pretend_gpus:
         n_gpus = opts.pretend_gpus
-        ray.init(num_gpus=n_gpus, **ray_init)
+        context = ray.init(num_gpus=n_gpus, **ray_init)
     else:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, local_gpus))
         n_gpus = len(local_gpus)
-        ray.init(num_gpus=n_gpus, **ray_init)
+        context = ray.init(num_gpus=n_gpus, **ray_init)
 
     try:
         layout.make()
         control.clear(layout)
-        recover_interrupted(layout)
 
         from scheduler.record import RecordResults
         from scheduler.search import QueueSearcher, StopNow
@@ -157,16 +156,18 @@ def launch(opts: LaunchOptions) -> int:
         from scheduler.trial import run_trial, ship_data
 
         selection = selection_actor(str(layout.root), opts.rule, opts.git_commit)
+        recorder = RecordResults(str(layout.root), str(layout.data))
+        recover_interrupted(layout, recorder)  # after the actor exists: a retry interrupted again is judged
         info = ray.get(selection.sync_baseline.remote())
         for note in info["notes"]:
             say(note)
         say(f"{n_gpus} GPU(s){' (pretend, on the CPU)' if opts.pretend_gpus else ''}, budget {opts.budget:.0f} s, "
             f"baseline {info['baseline']}, root {layout.root}")
         if opts.dashboard:
-            say(f"dashboard: http://{opts.dashboard_host}:{DASHBOARD_PORT} — it asks for Ray's token: "
-                f"cat ~/.ray/auth_token (send it as 'Authorization: Bearer <token>')")
-            if opts.dashboard_host != "127.0.0.1":
-                say(f"warning: the dashboard listens on {opts.dashboard_host}, reachable from other machines")
+            # the port Ray really took (it moves on when 8265 is in use)
+            url = context.dashboard_url or f"{opts.dashboard_host}:{DASHBOARD_PORT}"
+            for line in dashboard_lines(opts.dashboard_host, url):
+                say(line)
         data_sha256 = json.loads((layout.data / prepare.META_FILE).read_text())["sha256"]
         settings = {"budget": opts.budget, "device": opts.device, "startup_allowance": opts.startup_allowance,
                     "eval_timeout": opts.eval_timeout, "data_sha256": data_sha256,
@@ -179,7 +180,7 @@ def launch(opts: LaunchOptions) -> int:
                 num_samples=-1, max_concurrent_trials=n_gpus, reuse_actors=True),
             run_config=tune.RunConfig(
                 name="scheduler", storage_path=str(layout.results / "ray"), verbose=0,
-                callbacks=[RecordResults(str(layout.root), str(layout.data))],
+                callbacks=[recorder],
                 stop=StopNow(str(layout.root), str(layout.data)),
                 failure_config=tune.FailureConfig(max_failures=0)),
         )

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+SELECTION_STATE = "selection.json"  # the selection actor's state, under results/
+
 @dataclass(frozen=True)
 class Layout:
     root: Path
@@ -73,7 +75,7 @@ class Layout:
 
     @property
     def selection_state(self) -> Path:
-        return self.results / "selection.json"
+        return self.results / SELECTION_STATE
 
     def make(self) -> None:
         for folder in (self.candidates, self.sources, self.rejected, self.running, self.runs,

@@ -33,6 +33,7 @@ class Entry:
     seed: int = 0
     submitted_at: float = 0.0  # unix time the candidate was submitted
     attempt: int = 1           # 2 after an interrupted first attempt
+    score_test: bool = False   # also score the test split (a new baseline's first control run)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -3,8 +3,9 @@
 on_trial_result    writes results/live/<trial>.json (what `status` and `wait` show)
 on_trial_complete  sends the row to the selection actor (which may queue reruns
                    or promote), then writes the row and clears the queue entry
-on_trial_error     the trial's worker died or the trainable raised: an
-                   `interrupted` row, and the trial is queued again once
+on_trial_error     the trial's worker died or the trainable raised: what is
+                   left of its candidate is killed, it gets an `interrupted`
+                   row, and it is queued again once (see `interrupted`)
 
 A row that cannot be written (disk full, say) is kept and retried at the next
 event; it is never dropped silently.
@@ -24,16 +25,20 @@ from scheduler.layout import Layout
 from scheduler.selection import ACTOR_NAME
 
 ROW_FIELDS = ("trial_id", "candidate_id", "kind", "agent", "parent", "baseline", "description", "source_sha256", "seed")
+WORKER_DIED = "The actor died unexpectedly"  # how Ray's error starts when the process running a trial is gone
+RETRY_SUFFIX = "-a2"                         # trial id of the one retry of an interrupted trial
 
 
 def error_text(trial) -> str:
-    """The last line of the error Tune recorded for a trial, if it kept one."""
+    """One line on why Tune gave up on a trial: its worker died, or the last line of what the trainable raised."""
     try:
         with open(trial.error_file) as f:
             lines = [line.strip() for line in f if line.strip()]
-        return lines[-1][:300] if lines else "no error text"
     except (OSError, TypeError, AttributeError):
-        return "no error text"
+        return "the Ray worker running it failed (Tune kept no error text)"
+    if any(line.startswith(WORKER_DIED) for line in lines):
+        return "the Ray worker process running it died (killed, out of memory, or crashed)"
+    return f"the Ray worker running it failed: {lines[-1][:300]}" if lines else "the Ray worker running it failed"
 
 
 def say(message: str) -> None:
@@ -71,7 +76,7 @@ class RecordResults(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         if "result_row" not in trial.last_result:  # stopped before it finished (stop --now)
-            self._interrupted(trial, "stopped by the user before it finished")
+            self.interrupted(trial.config, "stopped by the user before it finished")
             return
         row = json.loads(trial.last_result["result_row"])
         for key in ("started_at", "finished_at", "submitted_at"):
@@ -80,26 +85,41 @@ class RecordResults(Callback):
         self._finish(row)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._interrupted(trial, f"the Ray worker running it failed: {error_text(trial)}")
+        self.interrupted(trial.config, error_text(trial))
 
-    def _interrupted(self, trial, reason: str) -> None:
-        c = trial.config
-        row = {key: c[key] for key in ROW_FIELDS}
+    def interrupted(self, config: dict, reason: str) -> None:
+        """A trial that ended without a result (its worker died, `stop --now`, or a launch killed under it).
+
+        What is left of its candidate on this node is killed (a dead worker cannot
+        kill its process group). It gets an `interrupted` row, and a first attempt
+        is queued again once, ahead of new candidates; that retry is what the
+        selection actor judges. A retry interrupted too is the candidate's failed
+        run and is judged as one. `config` is the trial's config or its queue entry.
+        """
+        from scheduler.trial import kill_marked
+
+        layout = self._layout()
+        kill_marked(str(layout.runs / config["trial_id"]))
+        row = {key: config.get(key) for key in ROW_FIELDS}
         row.update(status="interrupted", reason=reason,
-                   submitted_at=results.from_unix(c.get("submitted_at")), finished_at=results.now())
-        self._finish(row)
-        if c.get("attempt", 1) == 1:
-            entry = queue.Entry(**{k: c[k] for k in queue.Entry.__dataclass_fields__ if k in c})
-            entry.trial_id, entry.attempt = f"{c['trial_id']}-a2", 2
-            queue.push(self._layout(), entry, priority=queue.URGENT)
-            say(f"{c['trial_id']} interrupted: queued again once as {entry.trial_id}")
+                   submitted_at=results.from_unix(config.get("submitted_at")), finished_at=results.now())
+        retry = config.get("attempt", 1) == 1
+        self._finish(row, judge=not retry)
+        if retry:
+            entry = queue.Entry(**{k: config[k] for k in queue.Entry.__dataclass_fields__ if k in config})
+            entry.trial_id, entry.attempt = f"{config['trial_id']}{RETRY_SUFFIX}", 2
+            queue.push(layout, entry, priority=queue.URGENT)
+            say(f"{config['trial_id']} interrupted: queued again once as {entry.trial_id}")
 
-    def _finish(self, row: dict) -> None:
+    def _finish(self, row: dict, judge: bool = True) -> None:
+        """Send the row to the selection actor (unless `judge` is False), write it, clear the trial's entries."""
         import ray
 
         layout = self._layout()
-        row["stale"] = row["kind"] != "control" and bool(row.get("parent")) and row["parent"] != row.get("baseline")
-        decision = ray.get(ray.get_actor(ACTOR_NAME).record.remote(row))
+        row["stale"] = (row["kind"] != "control" and bool(row.get("parent")) and bool(row.get("baseline"))
+                        and row["parent"] != row["baseline"])
+        decision = (ray.get(ray.get_actor(ACTOR_NAME).record.remote(row)) if judge
+                    else {"decision": "not judged: its retry will be"})
         self.unwritten.append(row)
         self._write_rows(layout)
         queue.finish(layout, row["trial_id"])

@@ -18,6 +18,7 @@ summary.md: ## Lineage (every promotion), ## Agents (one row per agent),
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -33,7 +34,8 @@ from matplotlib.patches import Patch
 from matplotlib.text import Text
 from matplotlib.transforms import Bbox
 
-from scheduler.results import STATUSES, read_promotions, read_trials
+from scheduler.layout import SELECTION_STATE
+from scheduler.results import STATUSES, read_promotions, read_trials, test_scores
 
 FIGSIZE = (16, 9)  # inches; at DPI this is 1600x900 px
 DPI = 100
@@ -43,6 +45,7 @@ LABEL_CHARS = 40  # promotion labels and table descriptions are cut to this
 LABEL_SPOTS = tuple((dx, dy) for dy in (-24, -46, -68, -90) for dx in (-6, 6)) + ((-6, 26), (6, 26), (-6, 48), (6, 48))
 STAR_PX = 12  # half the size of a star, in pixels, that labels keep clear of
 NEAR_MISSES = 10
+DOT_AREA = 4000  # a first run's dot is this area (pt^2) shared among the scored runs, within [16, 70]
 CLIP_PERCENTILE = 95  # the y-axis ends a margin above this percentile of scores
 CLIP_MARGIN = 0.3  # of the robust range (lowest score .. percentile)
 FAILED = tuple(s for s in STATUSES if s != "ok")
@@ -72,12 +75,13 @@ def _scored(trials: pd.DataFrame) -> pd.DataFrame:
     return trials[(trials["status"] == "ok") & trials["val_bpc"].notna()]
 
 
-def _baseline_steps(trials: pd.DataFrame, promotions: pd.DataFrame) -> pd.DataFrame:
+def _baseline_steps(trials: pd.DataFrame, promotions: pd.DataFrame, sigma: float) -> pd.DataFrame:
     """The baseline over time: one row per step (at, mean, sigma), oldest first; may be empty.
 
     Before the first promotion the baseline is what its control runs scored then
-    (else the first promotion's old_mean); after each promotion it is that
-    promotion's new_mean and sigma.
+    (else the first promotion's old_mean), with `sigma` (the selection's pooled
+    noise) until two control runs measure their own spread; after each
+    promotion it is that promotion's new_mean and sigma.
     """
     scored = _scored(trials)
     controls = scored[scored["kind"] == "control"]
@@ -85,9 +89,9 @@ def _baseline_steps(trials: pd.DataFrame, promotions: pd.DataFrame) -> pd.DataFr
         controls = controls[controls["finished_at"] < promotions["promoted_at"].iloc[0]]
     if len(controls):
         mean0 = controls["val_bpc"].mean()
-        sigma0 = controls["val_bpc"].std() if len(controls) > 1 else math.nan
+        sigma0 = controls["val_bpc"].std() if len(controls) > 1 else sigma
     elif len(promotions):
-        mean0, sigma0 = promotions["old_mean"].iloc[0], math.nan
+        mean0, sigma0 = promotions["old_mean"].iloc[0], sigma
     else:
         mean0, sigma0 = math.nan, math.nan
     times = pd.concat([trials["started_at"], trials["finished_at"], promotions["promoted_at"]]).dropna()
@@ -96,6 +100,20 @@ def _baseline_steps(trials: pd.DataFrame, promotions: pd.DataFrame) -> pd.DataFr
     first = pd.DataFrame({"at": [times.min()], "mean": [mean0], "sigma": [sigma0]})
     later = promotions[["promoted_at", "new_mean", "sigma"]].set_axis(["at", "mean", "sigma"], axis=1)
     return pd.concat([first, later], ignore_index=True)
+
+
+def _selection_sigma(results: Path) -> float:
+    """The selection's pooled run-to-run sigma (its prior until reruns measure it), for the GPU type with
+    the most baseline scores; nan without a selection state."""
+    from scheduler.promotion import PromotionRule, RuleConfig
+
+    path = results / SELECTION_STATE
+    if not path.exists():
+        return math.nan
+    state = json.loads(path.read_text())
+    rule = PromotionRule(RuleConfig(**state.get("rule_config", {})), state.get("rule"))
+    gpus = sorted(rule.gpus(), key=lambda g: len(rule.baseline_scores(g)))
+    return rule.sigma(gpus[-1]) if gpus else RuleConfig(**state.get("rule_config", {})).prior_sigma
 
 
 def _baseline_at(steps: pd.DataFrame, times: pd.Series) -> np.ndarray:
@@ -160,13 +178,17 @@ def _plot_progress(trials: pd.DataFrame, promotions: pd.DataFrame, steps: pd.Dat
         ax.set_ylim(bottom, top)
         x, y = _days(scored["finished_at"]), scored["val_bpc"].to_numpy()
         kind, agent = scored["kind"].to_numpy(), scored["agent"].fillna(NONE).to_numpy()
-        for a in agents:  # first runs: small translucent dots, so hundreds of them stay readable
+        # small translucent dots keep hundreds of points readable; a handful get bigger ones
+        dot = float(np.clip(DOT_AREA / len(scored), 16, 70))
+        for a in agents:
             m = (kind != "confirm") & (kind != "control") & (agent == a) & (y <= top)
-            ax.scatter(x[m], y[m], s=16, color=colour[a], alpha=0.45, linewidths=0, zorder=2)
+            ax.scatter(x[m], y[m], s=dot, color=colour[a], alpha=0.55, linewidths=0, zorder=2)
             m = (kind == "confirm") & (agent == a) & (y <= top)
-            ax.scatter(x[m], y[m], s=34, facecolors="none", edgecolors=colour[a], linewidths=1.2, alpha=0.8, zorder=2)
+            ax.scatter(x[m], y[m], s=2 * dot, facecolors="none", edgecolors=colour[a], linewidths=1.2, alpha=0.8,
+                       zorder=2)
         m = (kind == "control") & (y <= top)
-        ax.scatter(x[m], y[m], s=30, marker="x", color=CONTROL_COLOUR, linewidths=1.2, alpha=0.7, zorder=2)
+        ax.scatter(x[m], y[m], s=2 * dot, marker="x", color=CONTROL_COLOUR, linewidths=1.2, alpha=0.7, zorder=2)
+        _label_best_unpromoted(ax, scored, promotions, steps)
         clipped = y > top
         if clipped.any():  # off-scale scores stay visible as markers on the top edge
             ax.scatter(x[clipped], np.full(clipped.sum(), top), marker="^", s=36, color="black", clip_on=False,
@@ -238,6 +260,19 @@ def _plot_progress(trials: pd.DataFrame, promotions: pd.DataFrame, steps: pd.Dat
     fig.savefig(path, dpi=DPI)
 
 
+def _label_best_unpromoted(ax: Axes, scored: pd.DataFrame, promotions: pd.DataFrame, steps: pd.DataFrame) -> None:
+    """Name the best run of a candidate never promoted, when it beats the baseline: the first idea to retry."""
+    runs = scored[(scored["kind"] != "control") & ~scored["candidate_id"].isin(promotions["candidate_id"])]
+    if runs.empty or steps.empty:
+        return
+    best = runs.loc[runs["val_bpc"].idxmin()]
+    if best["val_bpc"] >= steps["mean"].iloc[-1]:
+        return
+    ax.annotate(f"best not promoted: {_short(best['description'])} ({best['val_bpc']:.4f})",
+                (_days(pd.Series([best["finished_at"]]))[0], best["val_bpc"]), xytext=(-8, 8),
+                textcoords="offset points", ha="right", va="bottom", fontsize=10, color="0.2", zorder=9)
+
+
 def _label_promotions(fig: Figure, ax: Axes, promotions: pd.DataFrame) -> int:
     """Label stars with their descriptions, biggest gain first, each at the first of LABEL_SPOTS where it stays
     inside the plot and covers no star and no other label; a star without room stays unlabelled. Returns labels."""
@@ -294,15 +329,22 @@ def _table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def _lineage(promotions: pd.DataFrame) -> str:
+def _lineage(promotions: pd.DataFrame, tests: dict[str, float]) -> str:
+    """One row per promotion; the test split's figures come from each baseline's first control run."""
     if promotions.empty:
         return "No promotions yet."
+
+    def test_cells(p) -> list[str]:
+        new, old = tests.get(p.new_baseline), tests.get(p.old_baseline)
+        return ["not scored" if new is None else _num(new),
+                "not scored" if new is None or old is None else _num(old - new, sign=True)]
+
     rows = [[i + 1, _when(p.promoted_at), _name(p.candidate_id), _name(p.agent), _short(p.description),
-             _num(p.gain, sign=True), _num(p.new_mean), "not scored" if pd.isna(p.test_bpc) else _num(p.test_bpc),
+             _num(p.gain, sign=True), _num(p.new_mean), *test_cells(p),
              f"{_num(p.n_candidate, 0)} vs {_num(p.n_baseline, 0)}", _num(p.sigma)]
             for i, p in enumerate(promotions.itertuples())]
     headers = ["#", "time (UTC)", "candidate", "agent", "message", "gain (val)", "val bpc", "test bpc",
-               "n (cand vs base)", "σ"]
+               "gain (test)", "n (cand vs base)", "σ"]
     return _table(headers, rows)
 
 
@@ -381,7 +423,7 @@ def _summary(trials: pd.DataFrame, promotions: pd.DataFrame, steps: pd.DataFrame
         head += f", baseline now {_num(steps['mean'].iloc[-1])}"
     sections = [
         "# Research report", head + ".",
-        "## Lineage", _lineage(promotions),
+        "## Lineage", _lineage(promotions, test_scores(trials)),
         "## Agents", _agents(trials, promotions, steps),
         "## Near misses", _near_misses(trials, promotions),
         "## GPU busy share", _gpu_share(trials),
@@ -401,7 +443,7 @@ def write_report(results: Path, out: Path | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     trials, promotions = read_trials(results), read_promotions(results)
     trials["agent"] = trials["agent"].fillna("").replace("", UNNAMED)  # files dropped by hand have no agent
-    steps = _baseline_steps(trials, promotions)
+    steps = _baseline_steps(trials, promotions, _selection_sigma(results))
     png, summary = out / "progress.png", out / "summary.md"
     _plot_progress(trials, promotions, steps, png)
     summary.write_text(_summary(trials, promotions, steps), encoding="utf-8")

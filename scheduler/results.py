@@ -39,6 +39,7 @@ SCHEMA = pa.schema([
     ("reason", pa.string()),          # one line: why it failed or was rejected
     ("error_tail", pa.string()),      # last lines of its output when it failed
     ("val_bpc", pa.float64()),
+    ("test_bpc", pa.float64()),       # only a baseline's first control run scores the test split
     ("training_seconds", pa.float64()),
     ("total_seconds", pa.float64()),  # trial start to result, evaluation included
     ("eval_seconds", pa.float64()),
@@ -136,9 +137,14 @@ PROMOTION_SCHEMA = pa.schema([
     ("n_baseline", pa.int64()),
     ("sigma", pa.float64()),          # pooled run-to-run σ used by the test
     ("threshold", pa.float64()),      # gain that was needed
-    ("test_bpc", pa.float64()),       # the new baseline on the test split (null until scored)
     ("reason", pa.string()),
 ])
+
+
+def test_scores(trials: pd.DataFrame) -> dict[str, float]:
+    """Each baseline's score on the test split (from its first control run that scored it), by baseline id."""
+    scored = trials[(trials["kind"] == "control") & trials["test_bpc"].notna()]
+    return scored.groupby("candidate_id", sort=False)["test_bpc"].first().to_dict()
 
 
 def promotions_dir(results: Path) -> Path:

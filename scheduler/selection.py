@@ -6,7 +6,9 @@ new candidates), drop reruns that are no longer needed, or promote: train.py
 is replaced atomically under a file lock, the old one stays archived under
 results/baselines/, and a promotion row is written. Control runs of the
 baseline are queued when the rule wants them (first of all when the baseline
-has no score yet).
+has no score yet). The first control run of each baseline also scores the test
+split, once: a fresh run, not one selected for a good score, so the lineage
+shows whether gains on validation hold on test.
 
 All state lives in results/selection.json, rewritten after every change, so
 a relaunch, or Ray restarting a killed actor, restores it exactly. In Ray the
@@ -57,6 +59,9 @@ class Selection:
         self.trials_since_control: int = state.get("trials_since_control", 0)
         self.controls: int = state.get("controls", 0)
         self.failed_controls: int = state.get("failed_controls", 0)
+        self.test_scored: list[str] = state.get("test_scored", [])  # baselines scored on the test split
+        # Ray re-sends a call that was running when the actor died: the one trial recorded last is not counted twice
+        self.last_recorded: str | None = state.get("last_recorded")
         self.notes: list[str] = []
 
     # ------------------------------------------------------------------ state
@@ -64,7 +69,8 @@ class Selection:
     def _save(self) -> None:
         state = {"rule": self.rule.to_dict(), "baseline_sha": self.baseline_sha, "candidates": self.candidates,
                  "trials_since_control": self.trials_since_control, "controls": self.controls,
-                 "failed_controls": self.failed_controls,
+                 "failed_controls": self.failed_controls, "last_recorded": self.last_recorded,
+                 "test_scored": self.test_scored,
                  "rule_config": asdict(self.rule_config)}
         path = self.layout.selection_state
         tmp = path.with_name(f".{path.name}.tmp")
@@ -95,6 +101,8 @@ class Selection:
             sha = sha256_bytes(source)
             if sha != self.baseline_sha:
                 self._archive_baseline(source)
+                if self.baseline_sha:  # edited by hand: the old scores belong to another model
+                    self.rule.new_baseline()
                 self.baseline_sha, self.failed_controls = sha, 0
                 self._save()
         elif self.baseline_sha:
@@ -126,28 +134,26 @@ class Selection:
             trial_id=f"{self.baseline()}-c{self.controls}", candidate_id=self.baseline(), kind="control",
             source_sha256=self.baseline_sha, agent="baseline", parent=self.baseline(),
             description="control run of the baseline", seed=sum(len(self.rule.baseline_scores(g)) for g in self.rule.gpus()),
-            submitted_at=time.time()), priority=queue.URGENT)
+            submitted_at=time.time(), score_test=self.baseline() not in self.test_scored), priority=queue.URGENT)
         self.trials_since_control = 0
         self._save()
-
-    def idle(self, gpu: str) -> bool:
-        """A GPU would idle: run the baseline if the rule wants more of its scores. True when one was queued."""
-        if self._control_queued() or not self.rule.wants_control(self.trials_since_control, gpu_idle=False, gpu=gpu):
-            return False
-        self._queue_control()
-        return True
 
     # ------------------------------------------------------------------ decisions
 
     def record(self, row: dict) -> dict:
         """Take one finished trial's row; returns what was decided."""
         gpu, kind, status = row.get("gpu_name") or "unknown", row["kind"], row["status"]
+        if row["trial_id"] == self.last_recorded:
+            return {"decision": "already recorded"}
+        self.last_recorded = row["trial_id"]
         if kind == "control":
             if row.get("baseline") != self.baseline():
                 return {"decision": "control run of an older baseline, not counted"}
             if status == "ok":
                 self.failed_controls = 0
                 self.rule.add_baseline_score(gpu, row["val_bpc"])
+                if row.get("test_bpc") is not None and self.baseline() not in self.test_scored:
+                    self.test_scored.append(self.baseline())
                 self._save()
                 return self._rejudge_waiting(gpu)
             self.failed_controls += 1
@@ -166,7 +172,7 @@ class Selection:
         if status == "ok":
             candidate["scores"].setdefault(gpu, []).append(row["val_bpc"])
         decision = self._judge(row["candidate_id"], gpu)
-        if self.rule.wants_control(self.trials_since_control, gpu_idle=False) and not self._control_queued():
+        if self.rule.wants_control(gpu, self.trials_since_control) and not self._control_queued():
             self._queue_control()
         self._save()
         return decision
@@ -195,6 +201,8 @@ class Selection:
         elif verdict == Verdict.PENDING and candidate["outstanding"] == 0:
             verdict = Verdict.REJECT  # its reruns failed: nothing more will come
         if verdict == Verdict.CONFIRM:
+            if judgement.control and not self._control_queued():
+                self._queue_control()  # queued first, so the baseline's run comes before the reruns
             for i in range(judgement.reruns):
                 run = len(scores) + candidate["outstanding"] + 1
                 meta = candidate["meta"]

@@ -107,20 +107,30 @@ def kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def kill_marked(mark: str) -> int:
-    """Kill processes carrying our environment marker that escaped the process group (setsid, double fork)."""
-    killed = 0
+def marked(mark: str) -> list[int]:
+    """Processes on this node that carry a trial's environment marker: its candidate and all it started."""
+    pids = []
     needle = f"{MARK}={mark}".encode() + b"\0"
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             with open(f"/proc/{entry.name}/environ", "rb") as f:
-                if needle not in f.read() + b"\0":
-                    continue
-            os.kill(int(entry.name), signal.SIGKILL)
+                if needle in f.read() + b"\0":
+                    pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def kill_marked(mark: str) -> int:
+    """Kill processes carrying our environment marker that escaped the process group (setsid, double fork)."""
+    killed = 0
+    for pid in marked(mark):
+        try:
+            os.kill(pid, signal.SIGKILL)
             killed += 1
-        except (OSError, ProcessLookupError):
+        except OSError:
             continue
     return killed
 
@@ -195,7 +205,9 @@ def candidate_env(config: dict, out_dir: Path) -> dict:
     return env
 
 
-SHIPPED = ("train.bin", "val.bin")  # what a trial needs; the test split never leaves the driver
+# What a trial's node needs. The candidate is given the train split's path only; the evaluation
+# process reads val (every trial) and test (a new baseline's first control run only).
+SHIPPED = ("train.bin", "val.bin", "test.bin")
 
 
 def ship_data(data_dir: Path) -> list:
@@ -241,6 +253,20 @@ def local_data(config: dict, shipped: list | None) -> str:
     return str(cache)
 
 
+def eval_failure(lines: list[str]) -> str | None:
+    """The evaluation's own one-line reason for failing, when it printed one."""
+    return next((line[len(FAIL_TAG):] for line in reversed(lines) if line.startswith(FAIL_TAG)), None)
+
+
+def score_test_split(eval_cmd: list[str], workdir: Path, env: dict, limit: float, log: OutputLog) -> str:
+    """Add the test-split score to the result file; '' when it worked, else why not (the val score stands)."""
+    code, timed_out = run_process([*eval_cmd, "--split", "test"], workdir, env, limit, log, lambda: None)
+    if code == 0 and not timed_out:
+        return ""
+    reason = eval_failure(log.last_lines()) or classify(code, timed_out, log.last_lines(), limit)[1]
+    return f"test split not scored: {reason}"
+
+
 def run_trial(config: dict, shipped: list | None = None) -> None:
     """Ray Tune function trainable: train, score, and report the result row."""
     from ray import tune
@@ -278,9 +304,11 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
         code, timed_out = run_process(eval_cmd, workdir, env, config["eval_timeout"], log, lambda: None)
         if code == 0 and not timed_out and result_file.exists():
             status, reason = "ok", ""
+            if config.get("score_test"):
+                reason = score_test_split(eval_cmd, workdir, env, config["eval_timeout"], log)
         else:
             lines = log.last_lines()
-            failed = next((l[len(FAIL_TAG):] for l in reversed(lines) if l.startswith(FAIL_TAG)), None)
+            failed = eval_failure(lines)
             status, reason = classify(code, timed_out, lines, config["eval_timeout"])
             status, reason = ("oom", reason) if status == "oom" else ("eval_failed", failed or reason)
 
@@ -292,6 +320,7 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
     row.update(
         status=status, reason=reason, error_tail="\n".join(log.last_lines()) if status != "ok" else "",
         val_bpc=stats.get("val_bpc") if status == "ok" else None,
+        test_bpc=stats.get("test_bpc") if status == "ok" else None,
         training_seconds=stats.get("training_seconds"), eval_seconds=stats.get("eval_seconds"),
         tokens=stats.get("total_tokens"), steps=stats.get("num_steps"), parameters=stats.get("num_params"),
         peak_memory_mb=stats.get("peak_vram_mb"), mfu_percent=stats.get("mfu_percent"),

@@ -13,10 +13,11 @@ from scheduler.promotion import PromotionRule, RuleConfig, Verdict, t_quantile  
 H100 = "NVIDIA H100 80GB HBM3"
 A100 = "NVIDIA A100-SXM4-80GB"
 BASELINE = [1.000, 1.010, 0.990, 1.004, 0.996]  # mean 1.000, sd ~0.008
+NOISE = 0.01  # the prior sigma these scores are written for (the product's default is smaller)
 
 
 def rule_with_baseline(gpu: str = H100, **config) -> PromotionRule:
-    rule = PromotionRule(RuleConfig(**config))
+    rule = PromotionRule(RuleConfig(**{"prior_sigma": NOISE, **config}))
     for s in BASELINE:
         rule.add_baseline_score(gpu, s)
     return rule
@@ -37,7 +38,7 @@ def test_pending_without_baseline_score():
     rule = rule_with_baseline(H100)
     j = rule.judge(A100, [0.9])
     assert j.verdict is Verdict.PENDING and j.n_baseline == 0 and math.isnan(j.baseline_mean)
-    assert rule.wants_control(0, gpu_idle=False, gpu=A100)
+    assert rule.wants_control(A100, 0)
 
 
 def test_candidate_equal_to_baseline_is_not_promoted():
@@ -47,15 +48,24 @@ def test_candidate_equal_to_baseline_is_not_promoted():
     assert verdicts[0] is Verdict.REJECT  # the first score does not screen
 
 
-def test_clearly_better_candidate_is_promoted():
+def test_clearly_better_candidate_is_promoted_once_its_confirmations_are_in():
     rule = rule_with_baseline()
     first = rule.judge(H100, [0.95])
     assert first.verdict is Verdict.CONFIRM and first.reruns == rule.config.confirmations
-    scores = [0.95, 0.945, 0.955]
+    scores = [0.95, 0.945, 0.955, 0.95]
+    assert rule.judge(H100, scores[:3]).verdict is Verdict.PENDING  # promotion waits for all confirmations
     j = rule.judge(H100, scores)
     assert j.verdict is Verdict.PROMOTE and j.threshold < 0.05 - 0.01
+    assert (j.n_candidate, j.candidate_mean) == (3, pytest.approx(0.95))  # the reruns
     rule.promote(H100, scores)
     assert rule.baseline_scores(H100) == scores
+
+
+def test_the_lucky_first_run_is_left_out_of_the_test():
+    rule = rule_with_baseline()
+    scores = [0.90, 0.995, 0.995, 0.995]  # all four: gain 0.029; the reruns: 0.005
+    j = rule.judge(H100, scores)
+    assert j.verdict is Verdict.CONFIRM and j.candidate_mean == pytest.approx(0.995)
 
 
 def test_screened_candidate_that_falls_back_is_rejected_early():
@@ -67,11 +77,20 @@ def test_screened_candidate_that_falls_back_is_rejected_early():
 
 def test_undecided_candidate_gets_single_reruns_up_to_max_runs():
     rule = rule_with_baseline(max_runs=5)
-    scores = [0.989] * 3  # gain 0.011: above the margin, below the threshold
-    assert rule.judge(H100, scores[:2]).verdict is Verdict.PENDING  # the second queued rerun is still out
+    scores = [0.99] * 4  # gain 0.01: above the reject margin, below the threshold
+    assert rule.judge(H100, scores[:3]).verdict is Verdict.PENDING  # the third queued rerun is still out
     j = rule.judge(H100, scores)
-    assert (j.verdict, j.reruns) == (Verdict.CONFIRM, 1)
-    assert rule.judge(H100, [0.989] * 5).verdict is Verdict.REJECT
+    assert (j.verdict, j.reruns, j.control) == (Verdict.CONFIRM, 1, False)  # 5 baseline scores are enough
+    assert rule.judge(H100, [0.99] * 5).verdict is Verdict.REJECT
+
+
+def test_a_baseline_with_fewer_runs_than_the_candidate_is_rerun_too():
+    rule = PromotionRule(RuleConfig(prior_sigma=NOISE))
+    for s in BASELINE[:3]:
+        rule.add_baseline_score(H100, s)
+    assert not rule.judge(H100, [0.98]).control  # screening: one run against three
+    j = rule.judge(H100, [0.99] * 4)
+    assert (j.verdict, j.control) == (Verdict.CONFIRM, True)
 
 
 def test_gpu_types_are_separate():
@@ -103,11 +122,10 @@ def test_greedy_promotes_on_one_lower_score():
 
 def test_wants_control():
     rule = rule_with_baseline(control_every=10, min_baseline_runs=5)
-    assert not rule.wants_control(9, gpu_idle=False, gpu=H100)
-    assert rule.wants_control(10, gpu_idle=False, gpu=H100)
-    assert rule.wants_control(0, gpu_idle=True)
+    assert not rule.wants_control(H100, 9)
+    assert rule.wants_control(H100, 10)
     rule.promote(H100, [0.95, 0.95, 0.95])  # three scores: top up to five
-    assert rule.wants_control(0, gpu_idle=False, gpu=H100)
+    assert rule.wants_control(H100, 0)
 
 
 # Student's t quantiles from scipy.stats.t.ppf (scipy is not a dependency of the project).
@@ -124,9 +142,9 @@ def test_t_quantile_matches_scipy(p, df):
     assert t_quantile(p, df) == pytest.approx(T_TABLE[p][df], rel=4e-3)
 
 
-@pytest.fixture(scope="module")
-def simulated() -> dict[str, dict[str, float]]:
-    return sim.compare()  # fixed seeds 0..SEEDS-1, about 1 s
+@pytest.fixture(scope="module", params=[0, 100_000], ids=["seeds 0-99", "seeds 100000-100099"])
+def simulated(request) -> dict[str, dict[str, float]]:
+    return sim.compare(offset=request.param)  # two disjoint blocks of SEEDS seeds, about 1 s each
 
 
 def test_simulation_bars(simulated):
@@ -136,8 +154,8 @@ def test_simulation_bars(simulated):
     assert s["rerun_pct"] <= sim.MAX_RERUN_PCT
 
 
-@pytest.mark.xfail(strict=True, reason="not met: at <= 30% reruns the noise-aware rule misses too many "
-                   "small and mid gains; greedy's neutral false promotions cost it nothing")
+@pytest.mark.xfail(strict=True, reason="not met together with the other bars: greedy's neutral false "
+                   "promotions cost it nothing, and its control runs take the luck out of its baseline "
+                   "(bench/selection_sim.py)")
 def test_simulation_final_gain_above_greedy(simulated):
-    greedy = max(s["final_gain"] for name, s in simulated.items() if name.startswith("greedy"))
-    assert simulated["noise-aware"]["final_gain"] > greedy
+    assert simulated["noise-aware"]["final_gain"] > simulated[sim.GREEDY]["final_gain"]

@@ -1,24 +1,48 @@
-"""Hostile and broken candidates in one launch: every one gets its row with a clear reason, nothing escapes."""
+"""Hostile and broken candidates, and faults while launch runs: every case gets its row with a clear reason,
+nothing escapes, launch keeps running."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
 from scheduler import results
-from scheduler.trial import LOG_HEAD_BYTES
+from scheduler.cli import build_parser
+from scheduler.launch import LOCAL_HOST, dashboard_lines
+from scheduler.selection import ACTOR_NAME
+from scheduler.trial import LOG_HEAD_BYTES, MARK, PASSED_ENV, candidate_env
 
-from test_scheduler import corpus, make_root, scheduler, variant, with_main  # noqa: F401  (corpus is a fixture)
-
-pytestmark = pytest.mark.slow
+from conftest import wait_for
+from test_scheduler import (corpus, make_root, scheduler, trial_processes, variant,  # noqa: F401  (corpus is a fixture)
+                            with_main)
 
 SLEEPER = "98765"  # a child that outlives its candidate runs `sleep 98765`
+ESCAPED = "98764"  # the child that the candidate of the fault test starts outside its process group
 TRAIN = "main()"
+# A driver attached to a launch's Ray (argv[1]: its GCS address) prints the selection actor's summary and pid.
+# Ray reads RAY_AUTH_MODE when it is imported, so this runs in a process of its own, as a user would run it.
+ATTACH = f"""
+import json, os, sys
+import ray
+ray.init(address=sys.argv[1], log_to_driver=False, configure_logging=False)
+namespace = next(a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == "{ACTOR_NAME}")
+actor = ray.get_actor("{ACTOR_NAME}", namespace=namespace)
+print(json.dumps({{"summary": ray.get(actor.summary.remote()),
+                  "pid": ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))}}))
+"""
+# What the trial adds to the allowlisted part of the environment (scheduler/trial.py: candidate_env)
+TRIAL_ENV = {"PYTHONPATH", "PYTHONUNBUFFERED", "OMP_NUM_THREADS", "SCHEDULER_TRAIN_DATA", "SCHEDULER_BUDGET",
+             "SCHEDULER_SEED", "SCHEDULER_DEVICE", "SCHEDULER_OUT", "SCHEDULER_TRIAL", MARK}
 
 
+@pytest.mark.slow
 def test_hostile_candidates(tmp_path, corpus):  # noqa: F811
     root = make_root(tmp_path, corpus)
     cases = {
@@ -86,3 +110,99 @@ def test_hostile_candidates(tmp_path, corpus):  # noqa: F811
     # Nothing the scheduler wrote is world-writable.
     for path in (root / "results").rglob("*"):
         assert not path.stat().st_mode & 0o002, path
+
+
+def parent_of(pid: int) -> int:
+    """From /proc/PID/stat: the field after the state, which follows the parenthesised command name."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def stalling_candidate(flag: Path) -> str:
+    """A candidate that needs no torch. Its first attempt starts a child outside its process group, then
+    hangs without output (so no broken pipe ends it when its worker dies); its retry fails at once."""
+    return f"""import os, subprocess, sys, time
+
+
+def build_model():
+    return None
+
+
+if __name__ == "__main__":
+    subprocess.Popen(["sleep", "{ESCAPED}"], start_new_session=True)
+    if os.path.exists({str(flag)!r}):
+        sys.exit("second attempt: fails at once")
+    open({str(flag)!r}, "w").close()
+    time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_killed_selection_actor_and_trial_worker(tmp_path, corpus, background_launch):  # noqa: F811
+    """While launch runs: SIGKILL of the selection actor's process (with train.py broken by hand meanwhile),
+    then SIGKILL of the Ray worker running a trial. Launch goes on to the end, and nothing is lost."""
+    root = make_root(tmp_path, corpus)
+    baseline = (root / "train.py").read_bytes()
+    path = tmp_path / "stalls.py"
+    path.write_text(stalling_candidate(tmp_path / "first-attempt"))
+    cid = scheduler(root, "submit", str(path), "--agent", "a1", "-m", "stalls").stdout.strip()
+    first = f"{cid}-r1"
+    launch = background_launch(root, "--pretend-gpus", "1", "--device", "cpu", "--budget", "3", "--no-dashboard",
+                               "--exit-when-idle")
+
+    def candidate_and_child() -> list[int]:
+        pids = trial_processes(root, [first])
+        return pids if len(pids) == 2 else []
+
+    # The baseline's control run comes first; then the candidate stalls, with its escaped child.
+    stalled = wait_for(candidate_and_child, 240, "the candidate and its child")
+
+    def selection() -> dict:
+        attached = subprocess.run([sys.executable, "-c", ATTACH, launch.gcs_address()], capture_output=True,
+                                  text=True, timeout=120, env={**os.environ, "RAY_AUTH_MODE": "token"})
+        assert attached.returncode == 0, attached.stderr[-2000:]
+        return json.loads(attached.stdout.splitlines()[-1])
+
+    before = selection()
+    os.kill(before["pid"], signal.SIGKILL)
+    (root / "train.py").write_text("def broken(:\n")  # by hand, while the actor is down
+    (root / "candidates" / "notes.txt").write_text("a file for intake: the searcher asks the actor at once\n")
+    after = selection()  # Ray restarted the actor; the call waits for it
+    assert after["pid"] != before["pid"]
+    assert before["summary"]["scores"] and after["summary"] == before["summary"]  # baseline runs, undecided, ...
+
+    worker = next(parent for parent in map(parent_of, stalled) if parent not in stalled)  # the candidate's parent
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: results.has_row(root / "results", first), 60, "the interrupted row")
+    wait_for(lambda: not trial_processes(root, [first]), 5, "the candidate and its escaped child to be killed")
+
+    assert launch.wait(120) == 0, launch.stderr()[-3000:]
+    log = launch.stderr()
+    rows = results.read_trials(root / "results").set_index("trial_id")
+    assert rows.loc[first, "status"] == "interrupted"
+    assert rows.loc[first, "reason"].startswith("the Ray worker process running it died")
+    assert rows.loc[f"{first}-a2", "status"] == "crash"  # queued again once, and run by a new worker
+    assert rows.loc[f"{first}-a2", "reason"] == "second attempt: fails at once"
+    verdict = next(line for line in log.splitlines() if f"done  {first}-a2:" in line)
+    assert verdict.endswith("-> reject"), verdict  # the retry is what the restarted actor judged
+    assert list(rows[rows["status"] == "rejected"]["reason"]) == ["'notes.txt' not a .py file"]
+    assert "train.py was unusable" in log and (root / "train.py").read_bytes() == baseline
+    assert not trial_processes(root, rows.index)
+
+
+def test_candidate_environment_is_an_allowlist(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-pass")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    config = {"omp_threads": 1, "data_dir": str(tmp_path / "data"), "budget": 3.0, "seed": 0, "device": "cpu",
+              "runs_dir": str(tmp_path / "runs"), "trial_id": "t-r1"}
+    env = candidate_env(config, tmp_path / "out")
+    assert set(env) <= set(PASSED_ENV) | TRIAL_ENV
+    assert "do-not-pass" not in env.values() and "RAY_ADDRESS" not in env
+    assert not [value for value in env.values() if "val.bin" in value or "test.bin" in value]
+
+
+def test_dashboard_stays_local_unless_told_and_says_how_to_get_the_token():
+    assert build_parser().parse_args(["launch"]).dashboard_host == LOCAL_HOST
+    local = dashboard_lines(LOCAL_HOST, f"{LOCAL_HOST}:8265")
+    assert len(local) == 1 and "cat ~/.ray/auth_token" in local[0] and "warning" not in local[0]
+    exposed = dashboard_lines("0.0.0.0", "0.0.0.0:8265")
+    assert exposed[1].startswith("warning: the dashboard listens on 0.0.0.0")

@@ -36,6 +36,7 @@ def build_results(results: Path) -> dict:
     rng = random.Random(0)
     promotion_slots = {20: 1.280, 45: 1.262, 70: 1.245, 95: 1.231, 115: 1.220}  # slot -> new baseline mean
     baseline, rows, promotions = 1.300, [], []
+    baseline_id, test_scored = "b0", set()
     for i in range(N_TRIALS):
         gpu, slot = i % 4, i // 4
         start = T0 + timedelta(seconds=60 + slot * 340 + gpu * 7)
@@ -43,7 +44,7 @@ def build_results(results: Path) -> dict:
         agent = AGENTS[rng.randrange(len(AGENTS))]
         kind, cid = "candidate", f"c{i:03d}"
         if i % 25 == 0:
-            kind, agent, cid = "control", "scheduler", f"base{slot}"
+            kind, agent, cid = "control", "scheduler", baseline_id
         elif i % 7 == 0:
             kind, cid = "confirm", f"c{i - 1:03d}"
         status, bpc = "ok", None
@@ -60,6 +61,9 @@ def build_results(results: Path) -> dict:
         rows.append(_row(f"{cid}-r{i}", cid, kind, agent, status, bpc, start, finish, str(gpu), "n1",
                          f"idea {i}: " + rng.choice(["GQA with 2 kv heads", "rotary embeddings, base 50000",
                                                     "muon lr 0.02 on all feed-forward weights and attention"])))
+        if kind == "control" and baseline_id not in test_scored and promotion_slots:  # the last is never tested
+            rows[-1]["test_bpc"] = bpc + 0.01
+            test_scored.add(baseline_id)
         if slot in promotion_slots and gpu == 3:
             new = promotion_slots.pop(slot)
             cid = f"p{slot}"
@@ -71,9 +75,9 @@ def build_results(results: Path) -> dict:
                 "promoted_at": finish + timedelta(seconds=5), "candidate_id": cid, "agent": winner["agent"],
                 "description": winner["description"], "old_mean": baseline, "new_mean": new,
                 "gain": baseline - new, "n_candidate": 3, "n_baseline": 5, "sigma": 0.009, "threshold": 0.006,
-                "test_bpc": None if not promotion_slots else new + 0.01, "gpu_name": "H100",
+                "gpu_name": "H100", "old_baseline": baseline_id, "new_baseline": f"b{len(promotions) + 1}",
             })
-            baseline = new
+            baseline, baseline_id = new, f"b{len(promotions)}"
     # the planted near miss, and GPU n2/9: [0, 3h] + [1.5h, 2.4h] (inside it) + [9h, 12h] = 6h busy of 12h wall
     rows.append(_row("near-r0", "near", "candidate", "codex-1", "ok", NEAR_MISS_BPC, T0 + timedelta(hours=3.5),
                      T0 + timedelta(hours=3.6), "0", "n3", "the planted near miss"))
@@ -137,7 +141,10 @@ def test_summary_sections_and_numbers(built):
     lineage = _table_rows(_section(text, "Lineage"))
     assert len(lineage) == len(data["promotions"])
     assert lineage[0][5] == "+0.0200"  # gain 1.300 -> 1.280
-    assert lineage[-1][7] == "not scored" and lineage[0][7] == "1.2900"
+    tests = {r["candidate_id"]: r["test_bpc"] for r in data["rows"] if r.get("test_bpc") is not None}
+    assert len(tests) == len(data["promotions"])  # every baseline but the last was scored on test
+    assert lineage[0][7] == f"{tests['b1']:.4f}" and lineage[0][8] == f"{tests['b0'] - tests['b1']:+.4f}"
+    assert lineage[-1][7] == "not scored" and lineage[-1][8] == "not scored"
 
     agents = {r[0]: r for r in _table_rows(_section(text, "Agents"))}
     assert set(agents) == set(AGENTS) | {"scheduler"}
@@ -152,7 +159,7 @@ def test_summary_sections_and_numbers(built):
     near = _table_rows(_section(text, "Near misses"))
     assert len(near) == 10
     assert near[0][1] == "near" and near[0][4] == f"{NEAR_MISS_BPC:.4f}"
-    assert not any(r[1].startswith("p") or r[1].startswith("base") for r in near)  # promoted and controls excluded
+    assert not any(r[1].startswith("p") or r[1].startswith("b") for r in near)  # promoted and controls excluded
 
     gpus = {(r[0], r[1]): r for r in _table_rows(_section(text, "GPU busy share"))}
     assert gpus[("n2", "9")][3:] == ["6.00", "50.0%"]

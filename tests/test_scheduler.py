@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +12,9 @@ import pytest
 
 from scheduler import results
 from scheduler.constants import override
+from scheduler.trial import marked
+
+from conftest import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(MODEL_DIM=32, MODEL_DEPTH=1, MODEL_HEADS=2, BATCH_SIZE=4)
@@ -121,24 +121,22 @@ def test_launch_runs_every_candidate_once(tmp_path, corpus):
     assert len(results.read_trials(root / "results")) == len(frame)
 
 
-def test_kill_9_then_relaunch_loses_nothing(tmp_path, corpus):
+def trial_processes(root: Path, trial_ids) -> list[int]:
+    """Processes still carrying the marker of one of these trials (a candidate and anything it started)."""
+    return [pid for trial_id in trial_ids for pid in marked(str(root / "results" / "runs" / trial_id))]
+
+
+def test_kill_9_then_relaunch_loses_nothing(tmp_path, corpus, background_launch):
     root = make_root(tmp_path, corpus)
     slow = variant(GRAD_CLIP=0.9)  # tiny model, but a long budget: it is still training when launch is killed
     path = tmp_path / "slow.py"
     path.write_text(slow)
     cid = scheduler(root, "submit", str(path), "--agent", "a1", "-m", "slow").stdout.strip()
-    launch = subprocess.Popen([sys.executable, "-m", "scheduler", "--root", str(root), "launch", "--pretend-gpus", "1",
-                               "--device", "cpu", "--budget", "60", "--no-dashboard"],
-                              cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    launch = background_launch(root, "--pretend-gpus", "1", "--device", "cpu", "--budget", "60", "--no-dashboard")
     live = root / "results" / "live"
-    deadline = time.time() + 180
-    while time.time() < deadline and not list(live.glob("*.json")):  # the baseline's control run or the candidate
-        time.sleep(0.5)
-    running = [p.stem for p in live.glob("*.json")]
-    assert running, "no trial started"
-    os.killpg(launch.pid, signal.SIGKILL)  # launch and its Ray die; the orphaned candidate is cleaned up on relaunch
-    launch.wait()
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    running = wait_for(lambda: [p.stem for p in live.glob("*.json")], 180, "a trial to start")  # control or candidate
+    launch.proc.kill()  # kill -9 of launch alone: its Ray dies with it, the fixture ends what lingers
+    launch.proc.wait()
 
     done = scheduler(root, "launch", "--pretend-gpus", "1", "--device", "cpu", "--budget", "2", "--no-dashboard",
                      "--exit-when-idle")
@@ -151,5 +149,4 @@ def test_kill_9_then_relaunch_loses_nothing(tmp_path, corpus):
         assert by_trial.loc[f"{trial_id}-a2", "status"] == "ok"  # queued again once, and run
     first_runs = rows[(rows["candidate_id"] == cid) & (rows["kind"] == "candidate") & (rows["status"] == "ok")]
     assert len(first_runs) == 1  # run once (confirmation reruns, if it screened well, are rows of kind confirm)
-    leftover = subprocess.run(["pgrep", "-f", f"{root}/results/runs"], capture_output=True, text=True)
-    assert leftover.stdout == "", "a trial process survived"
+    assert not trial_processes(root, rows["trial_id"]), "a trial process survived"

@@ -44,19 +44,37 @@ def test_rule_in_the_actor_confirms_then_promotes_and_state_survives(tmp_path):
     first = selection.record(row("cand-r1", "cand", "candidate", 1.90, base, sha))
     assert first["decision"] == "confirm"
     reruns = [e for e in queue.pending(layout) if e.kind == "confirm"]
-    assert [e.seed for e in reruns] == [1, 2] and all(e.candidate_id == "cand" for e in reruns)
+    assert [e.seed for e in reruns] == [1, 2, 3] and all(e.candidate_id == "cand" for e in reruns)
 
     again = Selection(str(tmp_path))  # a restarted actor: the same state from disk
     assert again.summary()["scores"] == selection.summary()["scores"]
-    decided = again.record(row("cand-r2", "cand", "confirm", 1.91, base, sha))
-    assert decided["decision"] == "promote", decided  # sequential: 0.09 better on 2 runs is enough
-    assert not [e for e in queue.pending(layout) if e.candidate_id == "cand"]  # its last rerun is dropped
+    for trial_id, bpc in [("cand-r2", 1.91), ("cand-r3", 1.90)]:
+        assert again.record(row(trial_id, "cand", "confirm", bpc, base, sha))["decision"] == "pending"
+    decided = again.record(row("cand-r4", "cand", "confirm", 1.91, base, sha))
+    assert decided["decision"] == "promote", decided  # promotion waits for all three reruns
+    assert not [e for e in queue.pending(layout) if e.candidate_id == "cand"]
     assert layout.baseline.read_bytes() == better
     assert (layout.baselines / f"{sha256_bytes(old_source)}.py").read_bytes() == old_source
     event = results.read_promotions(layout.results).iloc[0]
-    assert event["candidate_id"] == "cand" and event["n_candidate"] == 2 and event["gain"] > 0.09
+    assert event["candidate_id"] == "cand" and event["n_candidate"] == 3 and event["gain"] > 0.09
     assert not list(layout.root.glob(".train.py.tmp"))
     assert json.loads(layout.selection_state.read_text())["baseline_sha"] == sha
+
+
+def test_the_baseline_runs_before_the_next_rerun_when_it_has_fewer_scores(tmp_path):
+    layout, _, base = fresh(tmp_path)
+    selection = Selection(str(tmp_path), rule={"min_baseline_runs": 3})
+    queue.drop(layout, base)  # the control fresh() queued: the three scores below stand in for it
+    for i, bpc in enumerate([2.00, 2.01, 1.99]):
+        selection.record(row(f"c{i}", base, "control", bpc, base))
+    sha = "0" * 64
+    selection.record(row("cand-r1", "cand", "candidate", 1.98, base, sha))
+    for bpc in (1.99, 1.99, 1.99):  # its three reruns: 0.01 better, not enough against three baseline scores
+        entry = queue.take(layout)
+        queue.finish(layout, entry.trial_id)
+        decision = selection.record(row(entry.trial_id, "cand", entry.kind, bpc, base, sha))
+    assert decision["decision"] == "confirm", decision
+    assert [(e.kind, e.candidate_id) for e in queue.pending(layout)] == [("control", base), ("confirm", "cand")]
 
 
 def test_candidate_identical_in_score_is_not_promoted(tmp_path):
@@ -68,6 +86,16 @@ def test_candidate_identical_in_score_is_not_promoted(tmp_path):
     (layout.sources / f"{sha}.py").write_bytes(same)
     assert selection.record(row("same-r1", "same", "candidate", 2.00, base, sha))["decision"] == "reject"
     assert layout.baseline.read_bytes() == variant().encode()
+
+
+def test_a_call_retried_after_a_restart_is_not_counted_twice(tmp_path):
+    """Ray re-sends the call that was running when the actor died; the restarted actor has already saved it."""
+    layout, selection, base = fresh(tmp_path)
+    control = row("c1", base, "control", 2.0, base)
+    selection.record(control)
+    restarted = Selection(str(tmp_path))
+    assert restarted.record(control)["decision"] == "already recorded"
+    assert restarted.summary()["scores"] == {"gpu-a": [2.0]}
 
 
 def test_broken_train_py_is_restored_from_the_archive(tmp_path):
@@ -97,6 +125,9 @@ def test_launch_promotes_a_clearly_better_candidate(tmp_path, corpus):  # noqa: 
     assert (root / "results" / "baselines" / f"{sha256_bytes(before)}.py").exists()
     info = json.loads(scheduler(root, "baseline", "--json").stdout)
     assert info["lineage"][0]["candidate_id"] == cid
+    first_baseline = info["lineage"][0]["old_baseline"]
+    tested = rows[(rows["candidate_id"] == first_baseline) & rows["test_bpc"].notna()]
+    assert list(tested["kind"]) == ["control"] and 0 < tested["test_bpc"].iloc[0] < 9  # scored on test, once
 
 
 def test_a_failing_baseline_is_not_rerun_for_ever(tmp_path):
@@ -110,3 +141,19 @@ def test_a_failing_baseline_is_not_rerun_for_ever(tmp_path):
     assert not queue.pending(layout)
     assert selection.controls == 2
     assert "failed its last 2 control runs" in " ".join(selection.summary()["notes"] + selection.sync_baseline()["notes"])
+
+
+def test_each_baseline_is_scored_on_the_test_split_once(tmp_path):
+    layout, selection, base = fresh(tmp_path)
+    [first] = queue.pending(layout)
+    assert first.score_test  # the first control run of a baseline scores the test split too
+    queue.take(layout)
+    queue.finish(layout, first.trial_id)
+    selection.record({**row(first.trial_id, base, "control", 2.0, base), "test_bpc": 2.1})
+    selection._queue_control()
+    [second] = queue.pending(layout)
+    assert not second.score_test  # once is enough
+    queue.drop(layout, base)
+    layout.baseline.write_text(variant(LEARNING_RATE=5e-3))  # an edit by hand: a new, unscored baseline
+    new = selection.sync_baseline()["baseline"]
+    assert new != base and [(e.candidate_id, e.score_test) for e in queue.pending(layout)] == [(new, True)]

@@ -32,9 +32,8 @@ def test_a_node_without_the_data_fetches_it_once(tmp_path, monkeypatch, ray_loca
     elsewhere = {**config, "data_dir": str(tmp_path / "not-on-this-node")}
     cached = local_data(elsewhere, shipped)
     assert cached == str(tmp_path / "cache" / meta["sha256"])
-    for name in ("train.bin", "val.bin"):
+    for name in ("train.bin", "val.bin", "test.bin"):  # test: a new baseline's first control run scores it
         assert (tmp_path / "cache" / meta["sha256"] / name).read_bytes() == (data / name).read_bytes()
-    assert not (tmp_path / "cache" / meta["sha256"] / "test.bin").exists()  # the test split stays on the driver
     assert json.loads((tmp_path / "cache" / meta["sha256"] / "meta.json").read_text())["sha256"] == meta["sha256"]
     assert local_data(elsewhere, None) == cached  # second time: from the cache, nothing fetched
 
