@@ -36,6 +36,7 @@ MODEL_DEPTH = 8           # transformer layers
 MODEL_HEADS = 6           # attention heads, each 64 wide (x-transformers' default attn_dim_head)
 MAX_SEQ_LEN = 1024        # context length in bytes
 VOCAB_SIZE = 256          # one token per byte value
+DROPOUT = 0.1             # attention and feed-forward dropout: 300 s is 3 passes over the train split
 
 # Optimization
 LEARNING_RATE = 2e-3      # AdamAtan2 part: embeddings, norms, output layer
@@ -71,6 +72,8 @@ def build_model() -> torch.nn.Module:
             heads=MODEL_HEADS,
             rotary_pos_emb=True,   # relative positions; nothing to learn per position
             attn_flash=True,       # PyTorch's fused scaled-dot-product attention
+            attn_dropout=DROPOUT,
+            ff_dropout=DROPOUT,
             attn_qk_norm=True,     # keeps attention logits bounded at high learning rates
             ff_relu_squared=True,  # ReLU^2 (Primer): cheap and strong
             use_rmsnorm=True,
