@@ -5,7 +5,7 @@
     submit FILE --agent NAME -m "what"       queue a train.py variant; prints its candidate id
     wait ID [--timeout S]                    block until it has a result; print it
     results [--agent A] [--status S] [--top N]
-    status                                   queue, running trials, baseline
+    status [--watch]                         queue, running trials per GPU, baseline (--watch: live)
     show ID                                  metadata, result rows, the end of its log
     stop [--now]                             drain (or stop trials now)
     baseline                                 the current baseline, its score ± σ, its lineage
@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 from scheduler import control, intake, queue, results
-from scheduler.layout import Layout, baseline_id, sha256_bytes
+from scheduler.layout import Layout
+from scheduler.status import current_baseline, progress_line, snapshot, watch
 
 OK, FAILED, BAD_INPUT, TIMEOUT = 0, 1, 2, 3
 ROW_COLUMNS = ["trial_id", "candidate_id", "kind", "agent", "status", "val_bpc", "training_seconds",
@@ -66,13 +67,6 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for row in table:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-
-
-def current_baseline(layout: Layout) -> str:
-    state = json.loads(layout.selection_state.read_text()) if layout.selection_state.exists() else {}
-    if state.get("baseline_sha"):
-        return baseline_id(state["baseline_sha"])
-    return baseline_id(sha256_bytes(layout.baseline.read_bytes())) if layout.baseline.exists() else baseline_id(None)
 
 
 # ---------------------------------------------------------------------------
@@ -144,7 +138,7 @@ def cmd_wait(args, layout: Layout) -> int:
         if not rows and not retrying and not _submitted(layout, args.id):
             return fail(f"no candidate {args.id}: see `python -m scheduler results` for the ids")
         live = sorted(layout.live.glob(f"{args.id}-*.json")) if layout.live.is_dir() else []
-        note = "queued" if not live else _progress_line(json.loads(live[0].read_text()))
+        note = "queued" if not live else progress_line(json.loads(live[0].read_text()))
         if note != last_note and not args.json:
             print(f"{args.id}: {note}", file=sys.stderr)
             last_note = note
@@ -156,13 +150,6 @@ def cmd_wait(args, layout: Layout) -> int:
 def _submitted(layout: Layout, candidate_id: str) -> bool:
     """Is the candidate's file still waiting in candidates/ (or being claimed by intake)?"""
     return (layout.candidates / f"{candidate_id}.py").exists() or (layout.rejected / f".claim-{candidate_id}").exists()
-
-
-def _progress_line(live: dict) -> str:
-    if "step" not in live:
-        return live.get("phase", "starting")
-    return (f"{live.get('phase', 'train')} step {live['step']} loss {live.get('loss', float('nan')):.4f} "
-            f"{100 * live.get('progress', 0):.0f}% {live.get('tok_s', 0):,} tok/s")
 
 
 def cmd_results(args, layout: Layout) -> int:
@@ -182,26 +169,18 @@ def cmd_results(args, layout: Layout) -> int:
 
 
 def cmd_status(args, layout: Layout) -> int:
-    running = []
-    for entry in queue.running(layout):
-        path = layout.live / f"{entry.trial_id}.json"
-        live = json.loads(path.read_text()) if path.exists() else {}
-        running.append({"trial_id": entry.trial_id, "candidate_id": entry.candidate_id, "agent": entry.agent,
-                        "kind": entry.kind, "description": entry.description,
-                        "elapsed": round(time.time() - live["started"], 1) if "started" in live else None,
-                        "progress": _progress_line(live) if live else "starting", **{k: live.get(k) for k in ("loss", "step")}})
-    state = {"baseline": current_baseline(layout),
-             "queued": [{"trial_id": e.trial_id, "candidate_id": e.candidate_id, "agent": e.agent, "kind": e.kind,
-                         "description": e.description} for e in queue.pending(layout)],
-             "running": running, "draining": control.drain_requested(layout)}
+    if args.watch:
+        watch(layout, args.interval)
+        return OK
+    state = snapshot(layout)
     if args.json:
         print(json.dumps(state))
         return OK
-    print(f"baseline {state['baseline']}; {len(state['queued'])} queued, {len(running)} running"
+    print(f"baseline {state['baseline']}; {len(state['queued'])} queued, {len(state['running'])} running"
           + (" (draining)" if state["draining"] else ""))
-    for r in running:
-        print(f"  running {r['trial_id']} ({r['kind']}, {r['agent'] or '-'}) {r['elapsed'] or 0:.0f}s: {r['progress']}"
-              f" | {r['description']}")
+    for r in state["running"]:
+        print(f"  running {r['trial_id']} on GPU {r['gpu'] or '?'} ({r['kind']}, {r['agent'] or '-'}) "
+              f"{r['elapsed'] or 0:.0f}s: {r['progress']} | {r['description']}")
     for q in state["queued"][:20]:
         print(f"  queued  {q['trial_id']} ({q['kind']}, {q['agent'] or '-'}) | {q['description']}")
     return OK
@@ -344,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status")
     p.add_argument("--top", type=int, help="the N best scored trials")
 
-    command("status", cmd_status, "queue, running trials, baseline")
+    p = command("status", cmd_status, "queue, running trials, baseline")
+    p.add_argument("--watch", action="store_true", help="redraw in place until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between redraws (--watch)")
     p = command("show", cmd_show, "one candidate: rows, queue entries, the end of its log")
     p.add_argument("id")
     p.add_argument("--lines", type=int, default=20)

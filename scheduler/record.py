@@ -63,7 +63,7 @@ class RecordResults(Callback):
         if result.get("phase") in ("train", "eval"):
             path = self._layout().live / f"{trial.config['trial_id']}.json"
             live = json.loads(path.read_text()) if path.exists() else {}
-            keep = ("step", "loss", "tok_s", "mfu", "progress", "training_seconds", "phase", "elapsed")
+            keep = ("step", "loss", "tok_s", "mfu", "progress", "training_seconds", "phase", "elapsed", "gpu")
             live.update({k: result[k] for k in keep if k in result})
             self._live(trial.config["trial_id"], live)
 

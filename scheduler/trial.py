@@ -286,7 +286,8 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
 
     def report_progress() -> None:
         if log.progress:
-            tune.report({**log.progress, "phase": "train", "elapsed": round(time.time() - started, 1)})
+            tune.report({**log.progress, "phase": "train", "elapsed": round(time.time() - started, 1),
+                         "gpu": row["gpu_id"]})
 
     limit = config["budget"] + config["startup_allowance"]
     code, timed_out = run_process([sys.executable, "train.py"], workdir, env, limit, log, report_progress)
