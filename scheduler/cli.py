@@ -127,15 +127,18 @@ def cmd_wait(args, layout: Layout) -> int:
     deadline = time.monotonic() + args.timeout if args.timeout else math.inf
     last_note = ""
     while True:
-        rows = [r for r in _rows_of(layout, args.id) if r["kind"] == "candidate"]
+        # queue and folders before rows: a row is written before its entry leaves the queue, so a candidate
+        # found in neither place here has its row by the time the rows are read
         retrying = any(e.candidate_id == args.id for e in queue.pending(layout) + queue.running(layout))
+        known = retrying or _submitted(layout, args.id)
+        rows = [r for r in _rows_of(layout, args.id) if r["kind"] == "candidate"]
         if rows and not (rows[-1]["status"] == "interrupted" and retrying):
             row = rows[-1]
             print(json.dumps(row) if args.json else
                   f"{row['candidate_id']}: {row['status']}"
                   + (f" val_bpc {row['val_bpc']:.4f}" if row.get("val_bpc") is not None else f" ({row['reason']})"))
             return OK if row["status"] == "ok" else FAILED
-        if not rows and not retrying and not _submitted(layout, args.id):
+        if not rows and not known:
             return fail(f"no candidate {args.id}: see `python -m scheduler results` for the ids")
         live = sorted(layout.live.glob(f"{args.id}-*.json")) if layout.live.is_dir() else []
         note = "queued" if not live else progress_line(json.loads(live[0].read_text()))
@@ -148,8 +151,9 @@ def cmd_wait(args, layout: Layout) -> int:
 
 
 def _submitted(layout: Layout, candidate_id: str) -> bool:
-    """Is the candidate's file still waiting in candidates/ (or being claimed by intake)?"""
-    return (layout.candidates / f"{candidate_id}.py").exists() or (layout.rejected / f".claim-{candidate_id}").exists()
+    """Is the candidate's file in candidates/, or being claimed or rejected by intake (its row not yet written)?"""
+    return ((layout.candidates / f"{candidate_id}.py").exists() or (layout.rejected / f".claim-{candidate_id}").exists()
+            or any(layout.rejected.glob(f"{candidate_id}-*")))
 
 
 def cmd_results(args, layout: Layout) -> int:

@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -116,11 +117,18 @@ def _archive(layout: Layout, sha: str, data: bytes, candidate_id: str) -> None:
     if not source.exists():
         source.with_suffix(".tmp").write_bytes(data)
         os.replace(source.with_suffix(".tmp"), source)
-    (layout.sources / f"{sha}.json").write_text(json.dumps({"candidate_id": candidate_id}))
+    record = layout.sources / f"{sha}.json"
+    record.with_suffix(".tmp").write_text(json.dumps({"candidate_id": candidate_id}))
+    os.replace(record.with_suffix(".tmp"), record)
 
 
 def scan(layout: Layout, baseline: str) -> list[str]:
-    """Claim and check every finished file in candidates/; returns the candidate ids handled."""
+    """Claim and check every finished file in candidates/; returns the candidate ids handled.
+
+    When the disk refuses a write (full, read-only), the file goes back into
+    candidates/ with its metadata, the scan stops, and the next scan tries again:
+    nothing is lost and launch keeps running.
+    """
     handled = []
     try:
         names = sorted(os.listdir(layout.candidates))
@@ -143,33 +151,48 @@ def scan(layout: Layout, baseline: str) -> list[str]:
             os.rename(layout.candidates / name, claimed)  # atomic: one scanner wins, a writer's rename is complete
         except FileNotFoundError:
             continue
+        kept = layout.rejected / f"{candidate_id}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:100]}"
+        try:
+            _take_in(layout, claimed, kept, name, meta, candidate_id, baseline)
+        except OSError as error:
+            for path in (claimed, kept):
+                if path.exists():
+                    os.rename(path, layout.candidates / name)
+            print(f"[scheduler] could not take in {name!r} ({error}); it stays in candidates/ and is tried "
+                  f"again at the next scan", file=sys.stderr, flush=True)
+            break
         meta_path.unlink(missing_ok=True)
-
-        reason, data = check(claimed, name)
-        sha = sha256_bytes(data) if data and reason is None else None
-        duplicate_of = _known_source(layout, sha) if sha else None
-        if duplicate_of:
-            reason = f"identical to {duplicate_of} (same sha256): see its result"
-        row = {
-            "candidate_id": candidate_id, "agent": meta.get("agent", ""), "description": meta.get("description", ""),
-            "parent": meta.get("parent") or baseline, "submitted_at": meta.get("submitted_at", time.time()),
-        }
-        if reason is None:
-            _archive(layout, sha, data, candidate_id)
-            claimed.unlink()
-            queue.push(layout, queue.Entry(trial_id=f"{candidate_id}-r1", kind="candidate", source_sha256=sha,
-                                           seed=FIRST_SEED, **row))
-        else:
-            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:100]
-            os.rename(claimed, layout.rejected / f"{candidate_id}-{safe}")
-            results.write_row(layout.results, {
-                **row, "trial_id": candidate_id, "kind": "candidate", "status": "rejected",
-                "reason": f"{name!r} {reason}", "source_sha256": sha256_bytes(data) if data else None,
-                "duplicate_of": duplicate_of, "baseline": baseline, "stale": False,
-                "submitted_at": results.from_unix(row["submitted_at"]), "finished_at": results.now(),
-            })
         handled.append(candidate_id)
     return handled
+
+
+def _take_in(layout: Layout, claimed: Path, kept: Path, name: str, meta: dict, candidate_id: str,
+             baseline: str) -> None:
+    """Check one claimed file, then queue it (source archived) or reject it (file kept, row written)."""
+    reason, data = check(claimed, name)
+    sha = sha256_bytes(data) if data and reason is None else None
+    duplicate_of = _known_source(layout, sha) if sha else None
+    if duplicate_of == candidate_id:  # archived by an earlier attempt whose queueing the disk refused
+        duplicate_of = None
+    if duplicate_of:
+        reason = f"identical to {duplicate_of} (same sha256): see its result"
+    row = {
+        "candidate_id": candidate_id, "agent": meta.get("agent", ""), "description": meta.get("description", ""),
+        "parent": meta.get("parent") or baseline, "submitted_at": meta.get("submitted_at", time.time()),
+    }
+    if reason is None:
+        _archive(layout, sha, data, candidate_id)
+        queue.push(layout, queue.Entry(trial_id=f"{candidate_id}-r1", kind="candidate", source_sha256=sha,
+                                       seed=FIRST_SEED, **row))
+        claimed.unlink()
+    else:
+        os.rename(claimed, kept)
+        results.write_row(layout.results, {
+            **row, "trial_id": candidate_id, "kind": "candidate", "status": "rejected",
+            "reason": f"{name!r} {reason}", "source_sha256": sha256_bytes(data) if data else None,
+            "duplicate_of": duplicate_of, "baseline": baseline, "stale": False,
+            "submitted_at": results.from_unix(row["submitted_at"]), "finished_at": results.now(),
+        })
 
 
 def waiting(layout: Layout) -> bool:

@@ -49,9 +49,18 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def push(layout: Layout, entry: Entry, priority: int = NORMAL) -> None:
+def push(layout: Layout, entry: Entry, priority: int = NORMAL) -> bool:
+    """Queue an entry; False (and nothing queued) when a trial with its id is already queued or running.
+
+    So a decision made twice (the selection actor killed after queueing reruns but
+    before saving its state, and the call re-sent) queues each rerun once.
+    """
     layout.queue.mkdir(parents=True, exist_ok=True)
+    queued = {p.name.split("-", 2)[2].removesuffix(".json") for p in _pending_files(layout)}
+    if entry.trial_id in queued or (layout.running / f"{entry.trial_id}.json").exists():
+        return False
     _write_atomic(layout.queue / f"{priority}-{time.time_ns():020d}-{entry.trial_id}.json", entry.to_json())
+    return True
 
 
 def pending(layout: Layout) -> list[Entry]:

@@ -172,3 +172,32 @@ def test_a_failed_result_write_is_kept_and_retried(tmp_path, monkeypatch):
     monkeypatch.setattr(results, "write_row", real_write)
     callback._write_rows(layout)
     assert callback.unwritten == [] and results.has_row(tmp_path / "results", "t1")
+
+
+@pytest.mark.parametrize("refused", ["reject", "queue"])
+def test_a_refused_intake_write_leaves_the_file_for_the_next_scan(tmp_path, monkeypatch, refused):
+    """Disk full while intake records a rejection or queues a candidate: the file and its metadata go back
+    into candidates/, nothing is half-recorded, and the next scan takes it in under the same id."""
+    layout = Layout.at(tmp_path)
+    layout.make()
+    source = tmp_path / "mine.py"
+    source.write_text("def nothing():\n    pass\n" if refused == "reject" else SOURCE.format(agent="a", i=0))
+    cid = intake.submit(layout, source, "agent-a", "an idea", parent="")
+    target = (results, "write_row") if refused == "reject" else (queue, "push")
+    real = getattr(*target)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(*target, full_disk)
+    assert intake.scan(layout, "base-x") == []
+    assert intake.waiting(layout) and not list(layout.rejected.iterdir())
+    assert not queue.pending(layout) and not results.read_trials(layout.results).shape[0]
+    monkeypatch.setattr(*target, real)
+    assert intake.scan(layout, "base-x") == [cid]
+    if refused == "reject":
+        [row] = results.read_trials(layout.results).to_dict(orient="records")
+        assert (row["candidate_id"], row["status"], row["agent"]) == (cid, "rejected", "agent-a")
+    else:
+        [entry] = queue.pending(layout)
+        assert (entry.candidate_id, entry.agent, entry.description) == (cid, "agent-a", "an idea")

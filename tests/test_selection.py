@@ -157,3 +157,21 @@ def test_each_baseline_is_scored_on_the_test_split_once(tmp_path):
     layout.baseline.write_text(variant(LEARNING_RATE=5e-3))  # an edit by hand: a new, unscored baseline
     new = selection.sync_baseline()["baseline"]
     assert new != base and [(e.candidate_id, e.score_test) for e in queue.pending(layout)] == [(new, True)]
+
+
+def test_a_decision_made_twice_queues_each_rerun_once(tmp_path):
+    """The actor killed after queueing reruns but before saving: the re-sent call decides again from the old
+    state, and the queue keeps one entry per rerun."""
+    layout, selection, base = fresh(tmp_path)
+    for i, bpc in enumerate([2.00, 2.01, 1.99]):
+        selection.record(row(f"c{i}", base, "control", bpc, base))
+    better = variant(LEARNING_RATE=9e-3).encode()
+    sha = sha256_bytes(better)
+    (layout.sources / f"{sha}.py").write_bytes(better)
+    before = layout.selection_state.read_text()
+    first = row("cand-r1", "cand", "candidate", 1.90, base, sha)
+    assert selection.record(first)["decision"] == "confirm"
+    queued = sorted(e.trial_id for e in queue.pending(layout))
+    layout.selection_state.write_text(before)  # as if the actor died before its save
+    assert Selection(str(tmp_path)).record(first)["decision"] == "confirm"
+    assert sorted(e.trial_id for e in queue.pending(layout)) == queued
