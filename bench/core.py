@@ -1,7 +1,7 @@
 """Benchmark the experiment core on one GPU: the default train.py against variants, same harness.
 
     python bench/core.py                                  # default and the original script's configuration, 300 s each
-    python bench/core.py --budget 60 --only default
+    python bench/core.py --budget 60 --only default --rescore   # also score the same weights twice
     python bench/core.py --budget 30 --variant "wide: MODEL_DIM=1024 MODEL_HEADS=8" --variant "wide-fp8: fp8 MODEL_DIM=1024 MODEL_HEADS=8"
 
 Each run is `python <variant>.py` exactly as a user runs train.py: it trains for
@@ -47,7 +47,7 @@ def parse_variant(text: str) -> tuple[str, dict, dict]:
 
 
 def run_one(name: str, constants: dict, env_extra: dict, budget: float, data_dir: Path, seed: int,
-            log_dir: Path | None) -> dict:
+            log_dir: Path | None, rescore: bool = False) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     script = work / "train.py"
     script.write_text(override((ROOT / "train.py").read_text(), **constants))
@@ -69,6 +69,12 @@ def run_one(name: str, constants: dict, env_extra: dict, budget: float, data_dir
         return {"name": name, "status": "failed"}
     result = json.loads(result_file.read_text())
     result.update(name=name, status="ok", wall_seconds=round(wall, 1), wall_minus_budget=round(wall - budget, 1))
+    if rescore:  # the same weights, scored again by a fresh evaluation process: must agree to 1e-6
+        with open(log, "a") as out:
+            subprocess.run([sys.executable, "-m", "scheduler.evaluate", str(script), str(work / "out"),
+                            "--data-dir", str(data_dir)], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+        again = json.loads(result_file.read_text())["val_bpc"]
+        result["rescore_difference"] = abs(again - result["val_bpc"])
     print(f"[{name}] " + json.dumps(result), file=sys.stderr, flush=True)
     return result
 
@@ -82,13 +88,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the rows here, after each run")
     parser.add_argument("--logs", type=Path, help="keep each run's output here as NAME.log")
+    parser.add_argument("--rescore", action="store_true", help="score each run's weights a second time")
     args = parser.parse_args()
 
     runs = [parse_variant(f"{n}: {BUILTIN[n]}") for n in filter(None, args.only.split(","))]
     runs += [parse_variant(v) for v in args.variant]
     rows = []
     for name, constants, env in runs:
-        rows.append(run_one(name, constants, env, args.budget, args.data_dir, args.seed, args.logs))
+        rows.append(run_one(name, constants, env, args.budget, args.data_dir, args.seed, args.logs, args.rescore))
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
 
@@ -101,6 +108,9 @@ def main() -> None:
             continue
         print(f"| {r['name']} | {r['val_bpc']:.4f} | {r['tokens_per_second']:,} | {r['mfu_percent']} | {r['peak_vram_mb']:.0f} "
               f"| {r['num_params'] / 1e6:.1f} | {r['precision']} | {r['wall_minus_budget']} | {r['eval_seconds']} ({r['score_seconds']}) |")
+    for r in rows:
+        if "rescore_difference" in r:
+            print(f"\n{r['name']}: the same weights scored twice differ by {r['rescore_difference']:.2e} bpc")
 
 
 if __name__ == "__main__":
