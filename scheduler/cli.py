@@ -9,7 +9,7 @@
     show ID                                  metadata, result rows, the end of its log
     stop [--now]                             drain (or stop trials now)
     baseline                                 the current baseline, its score ± σ, its lineage
-    report [--out DIR]                       progress.png and summary.md
+    report [--out DIR]                       progress.png, timeline.png and summary.md
 
 Every command that prints data takes --json. Exit codes: 0 success; 1 the
 candidate failed or was rejected (wait); 2 bad input or nothing to act on;
@@ -259,7 +259,7 @@ def cmd_report(args, layout: Layout) -> int:
     from scheduler.report import write_report
 
     made = write_report(layout.results, Path(args.out) if args.out else None)
-    print(json.dumps(made, default=str) if args.json else f"wrote {made['png']} and {made['summary']}")
+    print(json.dumps(made, default=str) if args.json else f"wrote {made['png']}, {made['timeline']} and {made['summary']}")
     return OK
 
 
@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("stop", cmd_stop, "drain: finish running trials and start no new ones", json_flag=False)
     p.add_argument("--now", action="store_true", help="stop running trials too")
     command("baseline", cmd_baseline, "the current baseline, its score and lineage")
-    p = command("report", cmd_report, "write progress.png and summary.md")
+    p = command("report", cmd_report, "write progress.png, timeline.png and summary.md")
     p.add_argument("--out", help="folder (default: results/report)")
     return parser
 

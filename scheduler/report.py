@@ -11,6 +11,10 @@ colour per agent (confirmation runs hollow, control runs of the baseline grey
 crosses), the baseline as a step line with a ±σ band, promotions as labelled
 stars, and failed or rejected work as ticks in a strip under the plot.
 
+timeline.png: one lane per GPU, each trial a bar from its start to its result,
+coloured by kind (first run, confirmation, control) or by how it failed; the
+lane's label gives its busy share.
+
 summary.md: ## Lineage (every promotion), ## Agents (one row per agent),
 ## Near misses (the best candidates never promoted), ## GPU busy share.
 """
@@ -38,6 +42,9 @@ from scheduler.layout import SELECTION_STATE
 from scheduler.results import STATUSES, read_promotions, read_trials, test_scores
 
 FIGSIZE = (16, 9)  # inches; at DPI this is 1600x900 px
+LANE_INCHES, TIMELINE_MARGIN_INCHES = 0.45, 1.6  # timeline.png: 16 inches wide, this tall per GPU plus margins
+KIND_COLOURS = {"candidate": "tab:blue", "confirm": "tab:cyan", "control": "0.55"}
+KIND_NAMES = {"candidate": "first run", "confirm": "confirmation run", "control": "control run"}
 DPI = 100
 LABEL_CHARS = 40  # promotion labels and table descriptions are cut to this
 # Where a promotion's label may go, in points from its star, first choice first: below and left, since the
@@ -384,6 +391,54 @@ def _near_misses(trials: pd.DataFrame, promotions: pd.DataFrame) -> str:
             "(control runs excluded).\n\n" + _table(headers, rows))
 
 
+def _ran(trials: pd.DataFrame) -> pd.DataFrame:
+    """Trials that ran (start and result known), with node and GPU filled in, oldest first."""
+    ran = trials.dropna(subset=["started_at", "finished_at"])
+    ran = ran[ran["finished_at"] >= ran["started_at"]]
+    return ran.assign(node=ran["node"].fillna(NONE), gpu_id=ran["gpu_id"].fillna(NONE)).sort_values("started_at")
+
+
+def _plot_timeline(trials: pd.DataFrame, path: Path) -> None:
+    """One lane per GPU: did each GPU run one trial at a time, and were they all busy at once?"""
+    ran = _ran(trials)
+    lanes = sorted(ran.groupby(["node", "gpu_id"]).groups) if len(ran) else []
+    fig = Figure(figsize=(FIGSIZE[0], TIMELINE_MARGIN_INCHES + LANE_INCHES * max(len(lanes), 1)), dpi=DPI,
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if not lanes:
+        ax.text(0.5, 0.5, "no trials ran yet", ha="center", va="center", fontsize=20, color="0.4",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+        fig.savefig(path, dpi=DPI)
+        return
+    wall = (ran["finished_at"].max() - ran["started_at"].min()).total_seconds()
+    labels = []
+    for lane, (node, gpu) in enumerate(lanes):
+        own = ran[(ran["node"] == node) & (ran["gpu_id"] == gpu)]
+        start, end = _days(own["started_at"]), _days(own["finished_at"])
+        colours = [KIND_COLOURS.get(k, "tab:blue") if st == "ok" else STATUS_COLOURS.get(st, "black")
+                   for k, st in zip(own["kind"], own["status"])]
+        ax.broken_barh(list(zip(start, end - start)), (lane - 0.38, 0.76), facecolors=colours,
+                       edgecolors="white", linewidth=0.6)
+        share = 100 * _union_seconds(own[["started_at", "finished_at"]]) / wall if wall > 0 else math.nan
+        labels.append(f"{node} / GPU {gpu}  ({_num(share, 1)}% busy)")
+    ax.set_yticks(range(len(lanes)), labels, fontsize=10)
+    ax.set_ylim(len(lanes) - 0.5, -0.5)
+    ax.xaxis_date()
+    span = ax.get_xlim()[1] - ax.get_xlim()[0]
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S" if span < 1 / 24 else "%m-%d %H:%M"))
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_xlabel("time (UTC)", fontsize=11)
+    shown = [(KIND_NAMES[k], c) for k, c in KIND_COLOURS.items()]
+    shown += [(s, c) for s, c in STATUS_COLOURS.items() if (ran["status"] == s).any()]
+    ax.legend([Patch(color=c) for _, c in shown], [name for name, _ in shown], loc="upper left",
+              bbox_to_anchor=(1.005, 1), fontsize=9)
+    ax.set_title(f"{_plural(len(ran), 'trial')} on {_plural(len(lanes), 'GPU')}, "
+                 f"{_when(ran['started_at'].min())} to {_when(ran['finished_at'].max())} UTC", fontsize=13)
+    fig.savefig(path, dpi=DPI)
+
+
 def _union_seconds(intervals: pd.DataFrame) -> float:
     """Length of the union of [started_at, finished_at] intervals: overlapping runs count once."""
     total, end = 0.0, None
@@ -396,13 +451,11 @@ def _union_seconds(intervals: pd.DataFrame) -> float:
 
 
 def _gpu_share(trials: pd.DataFrame) -> str:
-    ran = trials.dropna(subset=["started_at", "finished_at"])
-    ran = ran[ran["finished_at"] >= ran["started_at"]]
+    ran = _ran(trials)
     if ran.empty:
         return "No trials ran yet."
     first, last = ran["started_at"].min(), ran["finished_at"].max()
     wall = (last - first).total_seconds()
-    ran = ran.assign(node=ran["node"].fillna(NONE), gpu_id=ran["gpu_id"].fillna(NONE))
     rows = []
     for (node, gpu), own in ran.groupby(["node", "gpu_id"], sort=True):
         busy = _union_seconds(own[["started_at", "finished_at"]])
@@ -436,7 +489,7 @@ def _summary(trials: pd.DataFrame, promotions: pd.DataFrame, steps: pd.DataFrame
 def write_report(results: Path, out: Path | None = None) -> dict:
     """Write progress.png and summary.md from `results` into `out` (default results/report).
 
-    Returns {"png", "summary": paths, "trials", "scored", "failed", "promotions": counts, "best_bpc": float or None}.
+    Returns {"png", "timeline", "summary": paths, "trials", "scored", "failed", "promotions": counts, "best_bpc": float or None}.
     """
     results = Path(results)
     out = Path(out) if out is not None else results / "report"
@@ -444,12 +497,13 @@ def write_report(results: Path, out: Path | None = None) -> dict:
     trials, promotions = read_trials(results), read_promotions(results)
     trials["agent"] = trials["agent"].fillna("").replace("", UNNAMED)  # files dropped by hand have no agent
     steps = _baseline_steps(trials, promotions, _selection_sigma(results))
-    png, summary = out / "progress.png", out / "summary.md"
+    png, timeline, summary = out / "progress.png", out / "timeline.png", out / "summary.md"
     _plot_progress(trials, promotions, steps, png)
+    _plot_timeline(trials, timeline)
     summary.write_text(_summary(trials, promotions, steps), encoding="utf-8")
     scored = _scored(trials)
     return {
-        "png": png, "summary": summary, "trials": len(trials), "scored": len(scored),
+        "png": png, "timeline": timeline, "summary": summary, "trials": len(trials), "scored": len(scored),
         "failed": int((trials["status"] != "ok").sum()), "promotions": len(promotions),
         "best_bpc": float(scored["val_bpc"].min()) if len(scored) else None,
     }
@@ -462,5 +516,5 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: RESULTS/report)")
     args = parser.parse_args()
     report = write_report(args.results, args.out)
-    print(f"wrote {report['png']} and {report['summary']}: "
+    print(f"wrote {report['png']}, {report['timeline']} and {report['summary']}: "
           f"{_plural(report['trials'], 'trial')}, {_plural(report['promotions'], 'promotion')}")

@@ -195,3 +195,14 @@ def test_module_command_line(tmp_path):
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "r" / "progress.png").exists() and (tmp_path / "r" / "summary.md").exists()
+
+
+def test_timeline_has_a_lane_per_gpu(built):
+    _, data, report = built
+    assert report["timeline"].name == "timeline.png"
+    with Image.open(report["timeline"]) as png:
+        image = np.asarray(png.convert("RGB"))
+    gpus = {(r["node"], r["gpu_id"]) for r in data["rows"] if r["started_at"] is not None}
+    assert len(gpus) == 6  # 4 GPUs of n1, n2/9 and the near miss on n3/0
+    assert image.shape[1] == 1600 and image.shape[0] == round(100 * (1.6 + 0.45 * len(gpus)))
+    assert image.std() > 20
