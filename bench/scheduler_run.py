@@ -39,19 +39,11 @@ from bench.core import parse_variant  # noqa: E402
 from scheduler import results  # noqa: E402
 from scheduler.constants import override  # noqa: E402
 from scheduler.layout import sha256_bytes  # noqa: E402
+from scheduler.report import union_seconds  # noqa: E402
 
 DASHBOARD = "http://127.0.0.1:8265"
 TOKEN = Path.home() / ".ray" / "auth_token"
 DASHBOARD_WAIT = 120  # seconds to wait for the dashboard to answer after launch starts
-
-
-def union_seconds(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
-    for start, stop in sorted(intervals):
-        if stop > end:
-            total += stop - max(start, end)
-            end = stop
-    return total
 
 
 def submit(root: Path, path: Path, agent: str, message: str) -> str:
@@ -139,7 +131,7 @@ def main() -> None:
     print("\n| GPU | trials | in a trial, % of launch wall | training + evaluation, % of launch wall |")
     print("| --- | --- | --- | --- |")
     for gpu, rows in ran.groupby("gpu_id"):
-        busy = union_seconds([(a.timestamp(), b.timestamp()) for a, b in zip(rows["started_at"], rows["finished_at"])])
+        busy = union_seconds(rows[["started_at", "finished_at"]])
         work = (rows["training_seconds"].fillna(0) + rows["eval_seconds"].fillna(0)).sum()
         print(f"| {gpu} | {len(rows)} | {100 * busy / wall:.1f} | {100 * work / wall:.1f} |")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from scheduler import control, intake, queue, results
 from scheduler.layout import Layout
-from scheduler.status import current_baseline, progress_line, snapshot, watch
+from scheduler.status import baseline_scores, current_baseline, progress_line, snapshot, watch
 
 OK, FAILED, BAD_INPUT, TIMEOUT = 0, 1, 2, 3
 ROW_COLUMNS = ["trial_id", "candidate_id", "kind", "agent", "status", "val_bpc", "training_seconds",
@@ -221,20 +221,15 @@ def cmd_stop(args, layout: Layout) -> int:
 
 
 def cmd_baseline(args, layout: Layout) -> int:
-    state = json.loads(layout.selection_state.read_text()) if layout.selection_state.exists() else {}
-    from scheduler.promotion import PromotionRule, RuleConfig
-
-    rule = PromotionRule(RuleConfig(**state.get("rule_config", {})), state.get("rule"))
     promotions = rows_as_dicts(results.read_promotions(layout.results))
     tests = results.test_scores(results.read_trials(layout.results))
     for p in promotions:
         p["test_bpc"] = tests.get(p["new_baseline"])
         old_test = tests.get(p["old_baseline"])
         p["test_gain"] = None if p["test_bpc"] is None or old_test is None else old_test - p["test_bpc"]
-    info = {"baseline": current_baseline(layout), "file": str(layout.baseline),
-            "scores": {g: {"mean": sum(s) / len(s), "n": len(s), "sigma": rule.sigma(g)}
-                       for g in rule.gpus() for s in [rule.baseline_scores(g)]},
-            "test_bpc": tests.get(current_baseline(layout)), "lineage": promotions}
+    baseline = current_baseline(layout)
+    info = {"baseline": baseline, "file": str(layout.baseline), "scores": baseline_scores(layout),
+            "test_bpc": tests.get(baseline), "lineage": promotions}
     if args.json:
         print(json.dumps(info))
         return OK

@@ -56,11 +56,16 @@ def push(layout: Layout, entry: Entry, priority: int = NORMAL) -> bool:
     before saving its state, and the call re-sent) queues each rerun once.
     """
     layout.queue.mkdir(parents=True, exist_ok=True)
-    queued = {p.name.split("-", 2)[2].removesuffix(".json") for p in _pending_files(layout)}
+    queued = {_trial_id(p) for p in _pending_files(layout)}
     if entry.trial_id in queued or (layout.running / f"{entry.trial_id}.json").exists():
         return False
     _write_atomic(layout.queue / f"{priority}-{time.time_ns():020d}-{entry.trial_id}.json", entry.to_json())
     return True
+
+
+def _trial_id(path: Path) -> str:
+    """The trial id in a pending entry's file name, <priority>-<time>-<trial id>.json."""
+    return path.name.split("-", 2)[2].removesuffix(".json")
 
 
 def pending(layout: Layout) -> list[Entry]:

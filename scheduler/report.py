@@ -22,7 +22,6 @@ summary.md: ## Lineage (every promotion), ## Agents (one row per agent),
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from matplotlib.text import Text
 from matplotlib.transforms import Bbox
 
 from scheduler.layout import SELECTION_STATE
+from scheduler.selection import saved_rule
 from scheduler.results import STATUSES, read_promotions, read_trials, test_scores
 
 FIGSIZE = (16, 9)  # inches; at DPI this is 1600x900 px
@@ -112,15 +112,11 @@ def _baseline_steps(trials: pd.DataFrame, promotions: pd.DataFrame, sigma: float
 def _selection_sigma(results: Path) -> float:
     """The selection's pooled run-to-run sigma (its prior until reruns measure it), for the GPU type with
     the most baseline scores; nan without a selection state."""
-    from scheduler.promotion import PromotionRule, RuleConfig
-
-    path = results / SELECTION_STATE
-    if not path.exists():
+    rule = saved_rule(results / SELECTION_STATE)
+    if rule is None:
         return math.nan
-    state = json.loads(path.read_text())
-    rule = PromotionRule(RuleConfig(**state.get("rule_config", {})), state.get("rule"))
     gpus = sorted(rule.gpus(), key=lambda g: len(rule.baseline_scores(g)))
-    return rule.sigma(gpus[-1]) if gpus else RuleConfig(**state.get("rule_config", {})).prior_sigma
+    return rule.sigma(gpus[-1]) if gpus else rule.config.prior_sigma
 
 
 def _baseline_at(steps: pd.DataFrame, times: pd.Series) -> np.ndarray:
@@ -147,6 +143,14 @@ def _short(text: object, limit: int = LABEL_CHARS) -> str:
 # ---------------------------------------------------------------------------
 # progress.png
 # ---------------------------------------------------------------------------
+
+def _clock_ticks(ax: Axes) -> None:
+    """Clock times on every tick of the time axis (a concise formatter writes bare seconds, which read like
+    minutes); the date too when the axis spans an hour or more."""
+    ax.xaxis.set_major_locator(mdates.AutoDateLocator())
+    span = ax.get_xlim()[1] - ax.get_xlim()[0]  # in days
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S" if span < 1 / 24 else "%m-%d %H:%M"))
+
 
 def _robust_ylim(values: np.ndarray, steps: pd.DataFrame) -> tuple[float, float]:
     """A y-range that shows the bulk of the scores and the baseline band, not one crash-like 8.0."""
@@ -231,10 +235,7 @@ def _plot_progress(trials: pd.DataFrame, promotions: pd.DataFrame, steps: pd.Dat
     strip.grid(axis="x", alpha=0.3)
     strip.set_xlabel("finished at (UTC)", fontsize=11)
 
-    strip.xaxis.set_major_locator(mdates.AutoDateLocator())
-    span = strip.get_xlim()[1] - strip.get_xlim()[0]  # in days
-    # Clock times on every tick (a concise formatter writes bare seconds, which read like minutes).
-    strip.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S" if span < 1 / 24 else "%m-%d %H:%M"))
+    _clock_ticks(strip)
     ax.grid(alpha=0.3)
     ax.set_ylabel("validation bits per character (lower is better)", fontsize=11)
 
@@ -398,10 +399,16 @@ def _ran(trials: pd.DataFrame) -> pd.DataFrame:
     return ran.assign(node=ran["node"].fillna(NONE), gpu_id=ran["gpu_id"].fillna(NONE)).sort_values("started_at")
 
 
+def _per_gpu(ran: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame, float]]:
+    """(node, gpu, its trials, busy seconds) for each GPU that ran trials, in order."""
+    return [(node, gpu, own, union_seconds(own[["started_at", "finished_at"]]))
+            for (node, gpu), own in ran.groupby(["node", "gpu_id"], sort=True)]
+
+
 def _plot_timeline(trials: pd.DataFrame, path: Path) -> None:
     """One lane per GPU: did each GPU run one trial at a time, and were they all busy at once?"""
     ran = _ran(trials)
-    lanes = sorted(ran.groupby(["node", "gpu_id"]).groups) if len(ran) else []
+    lanes = _per_gpu(ran)
     fig = Figure(figsize=(FIGSIZE[0], TIMELINE_MARGIN_INCHES + LANE_INCHES * max(len(lanes), 1)), dpi=DPI,
                  layout="constrained")
     FigureCanvasAgg(fig)
@@ -414,20 +421,17 @@ def _plot_timeline(trials: pd.DataFrame, path: Path) -> None:
         return
     wall = (ran["finished_at"].max() - ran["started_at"].min()).total_seconds()
     labels = []
-    for lane, (node, gpu) in enumerate(lanes):
-        own = ran[(ran["node"] == node) & (ran["gpu_id"] == gpu)]
+    for lane, (node, gpu, own, busy) in enumerate(lanes):
         start, end = _days(own["started_at"]), _days(own["finished_at"])
         colours = [KIND_COLOURS.get(k, "tab:blue") if st == "ok" else STATUS_COLOURS.get(st, "black")
                    for k, st in zip(own["kind"], own["status"])]
         ax.broken_barh(list(zip(start, end - start)), (lane - 0.38, 0.76), facecolors=colours,
                        edgecolors="white", linewidth=0.6)
-        share = 100 * _union_seconds(own[["started_at", "finished_at"]]) / wall if wall > 0 else math.nan
+        share = 100 * busy / wall if wall > 0 else math.nan
         labels.append(f"{node} / GPU {gpu}  ({_num(share, 1)}% busy)")
     ax.set_yticks(range(len(lanes)), labels, fontsize=10)
     ax.set_ylim(len(lanes) - 0.5, -0.5)
-    ax.xaxis_date()
-    span = ax.get_xlim()[1] - ax.get_xlim()[0]
-    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S" if span < 1 / 24 else "%m-%d %H:%M"))
+    _clock_ticks(ax)
     ax.grid(axis="x", alpha=0.3)
     ax.set_xlabel("time (UTC)", fontsize=11)
     shown = [(KIND_NAMES[k], c) for k, c in KIND_COLOURS.items()]
@@ -439,7 +443,7 @@ def _plot_timeline(trials: pd.DataFrame, path: Path) -> None:
     fig.savefig(path, dpi=DPI)
 
 
-def _union_seconds(intervals: pd.DataFrame) -> float:
+def union_seconds(intervals: pd.DataFrame) -> float:
     """Length of the union of [started_at, finished_at] intervals: overlapping runs count once."""
     total, end = 0.0, None
     for start, finish in intervals.sort_values("started_at").itertuples(index=False):
@@ -457,8 +461,7 @@ def _gpu_share(trials: pd.DataFrame) -> str:
     first, last = ran["started_at"].min(), ran["finished_at"].max()
     wall = (last - first).total_seconds()
     rows = []
-    for (node, gpu), own in ran.groupby(["node", "gpu_id"], sort=True):
-        busy = _union_seconds(own[["started_at", "finished_at"]])
+    for node, gpu, own, busy in _per_gpu(ran):
         share = 100 * busy / wall if wall > 0 else math.nan
         rows.append([node, gpu, len(own), _num(busy / 3600, 2), f"{_num(share, 1)}%"])
     return (f"Busy = the union of a GPU's [started_at, finished_at] intervals; wall = {_when(first)} to {_when(last)} "

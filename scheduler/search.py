@@ -14,7 +14,6 @@ selection actor is looked up by name when needed.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 

@@ -35,6 +35,14 @@ ACTOR_NAME = "selection"
 MAX_FAILED_CONTROLS = 2  # a baseline that fails this many control runs in a row is not run again by itself
 
 
+def saved_rule(state_path: Path) -> PromotionRule | None:
+    """The promotion rule as the selection actor last saved it (settings, scores, noise); None before any launch."""
+    if not state_path.exists():
+        return None
+    state = json.loads(state_path.read_text())
+    return PromotionRule(RuleConfig(**state.get("rule_config", {})), state.get("rule"))
+
+
 def usable_baseline(source: bytes) -> str | None:
     """Why this train.py cannot be the baseline, or None when it can."""
     try:

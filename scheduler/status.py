@@ -18,6 +18,7 @@ from typing import TextIO
 
 from scheduler import control, queue, results
 from scheduler.layout import Layout, baseline_id, sha256_bytes
+from scheduler.selection import saved_rule
 
 BAR_WIDTH = 20        # characters of a trial's progress bar
 SHOWN_QUEUED = 8      # queue entries listed by the live view (the count covers all)
@@ -45,14 +46,11 @@ def progress_line(live: dict) -> str:
             f"{100 * live.get('progress', 0):.0f}% {live.get('tok_s', 0):,} tok/s")
 
 
-def _baseline_scores(layout: Layout) -> dict[str, dict]:
+def baseline_scores(layout: Layout) -> dict[str, dict]:
     """The baseline's val bpc per GPU type: mean, sigma, n (empty before its first control run)."""
-    from scheduler.promotion import PromotionRule, RuleConfig
-
-    if not layout.selection_state.exists():
+    rule = saved_rule(layout.selection_state)
+    if rule is None:
         return {}
-    state = json.loads(layout.selection_state.read_text())
-    rule = PromotionRule(RuleConfig(**state.get("rule_config", {})), state.get("rule"))
     return {g: {"mean": sum(s) / len(s), "sigma": rule.sigma(g), "n": len(s)}
             for g in rule.gpus() for s in [rule.baseline_scores(g)]}
 
@@ -70,7 +68,7 @@ def snapshot(layout: Layout) -> dict:
                         **{k: live.get(k) for k in ("loss", "step", "phase", "tok_s")},
                         "fraction": live.get("progress")})
     promotions = results.read_promotions(layout.results).tail(SHOWN_PROMOTIONS)
-    return {"baseline": current_baseline(layout), "baseline_scores": _baseline_scores(layout),
+    return {"baseline": current_baseline(layout), "baseline_scores": baseline_scores(layout),
             "queued": [{"trial_id": e.trial_id, "candidate_id": e.candidate_id, "agent": e.agent, "kind": e.kind,
                         "description": e.description} for e in queue.pending(layout)],
             "running": sorted(running, key=lambda r: r["gpu"] or ""),

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ from scheduler import queue, results
 from scheduler.layout import Layout, sha256_bytes
 from scheduler.selection import Selection
 
-from test_scheduler import REPO, corpus, make_root, scheduler, variant  # noqa: F401  (corpus is a fixture)
+from test_scheduler import corpus, make_root, scheduler, variant  # noqa: F401  (corpus is a fixture)
 
 
 def row(trial_id: str, candidate_id: str, kind: str, bpc: float, baseline: str, sha: str = "") -> dict:
