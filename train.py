@@ -37,6 +37,8 @@ MODEL_HEADS = 6           # attention heads, each 64 wide (x-transformers' defau
 MAX_SEQ_LEN = 1024        # context length in bytes
 VOCAB_SIZE = 256          # one token per byte value
 DROPOUT = 0.1             # attention and feed-forward dropout: 300 s is 3 passes over the train split
+SHIFT_TOKENS = 1          # token shift: half of each layer's input features come from the previous byte (0: off)
+VALUE_RESIDUAL = True     # later attention layers mix in the first layer's values (ResFormer)
 
 # Optimization
 LEARNING_RATE = 2e-3      # AdamAtan2 part: embeddings, norms, output layer
@@ -56,7 +58,8 @@ USE_FP8 = os.environ.get("USE_FP8") == "1"
 USE_FP16 = os.environ.get("USE_FP16") == "1"
 USE_COMPILE = os.environ.get("USE_COMPILE", "1") == "1"
 # "reduce-overhead" adds CUDA graphs: a 4x1024 micro-batch's forward and backward went from 12.4 to 4.2 ms on an
-# H100 (bench/profile_step.py); worth trying when batches are small and steps many
+# H100 (bench/profile_step.py); worth trying when batches are small and steps many. It needs
+# GRADIENT_ACCUMULATE_EVERY = 1: a graph's next replay overwrites the gradients accumulation still holds
 COMPILE_MODE = "default"
 
 # ---------------------------------------------------------------------------
@@ -80,6 +83,8 @@ def build_model() -> torch.nn.Module:
             attn_qk_norm=True,     # keeps attention logits bounded at high learning rates
             ff_relu_squared=True,  # ReLU^2 (Primer): cheap and strong
             use_rmsnorm=True,
+            shift_tokens=SHIFT_TOKENS,
+            add_value_residual=VALUE_RESIDUAL,
         ),
     )
 
@@ -240,6 +245,10 @@ def main() -> None:
         scaler.update()
 
     if USE_COMPILE and device.type == "cuda":
+        if COMPILE_MODE == "reduce-overhead" and GRADIENT_ACCUMULATE_EVERY > 1:
+            raise SystemExit("COMPILE_MODE = 'reduce-overhead' (CUDA graphs) cannot accumulate gradients: set "
+                             "GRADIENT_ACCUMULATE_EVERY = 1 and put the whole batch in BATCH_SIZE, or use "
+                             "COMPILE_MODE = 'default'")
         loss_of = torch.compile(loss_of, mode=COMPILE_MODE)
 
     tokens_per_step = BATCH_SIZE * MAX_SEQ_LEN * GRADIENT_ACCUMULATE_EVERY
