@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dashboard-host", default="127.0.0.1", help="listen address of the dashboard")
     p.add_argument("--startup-allowance", type=float, default=300.0, help="seconds beyond the budget before a kill")
     p.add_argument("--promotion", default=RuleConfig.policy, choices=POLICIES,
-                   help="noise-aware: confirm with reruns; greedy: promote any first score below the baseline mean")
+                   help="noise-aware: confirm with reruns; greedy: promote any first score below the "
+                        "baseline's best score (the original one-run rule)")
     p.add_argument("--min-delta", type=float, default=RuleConfig.min_delta,
                    help="bpc a candidate must gain beyond the noise")
     p.add_argument("--confirmations", type=int, default=RuleConfig.confirmations,

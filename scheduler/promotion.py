@@ -55,9 +55,13 @@ has the figures). The test level is 97%, not 95%: only about one candidate
 in ten is a real improvement, and at 95% about 6% of promotions were noise.
 Lower margins or more confirmations spent over 30% of all runs on reruns.
 
-The greedy policy, for comparison: PROMOTE iff the first score is below the
-baseline mean; one run, no reruns of the candidate. Control runs follow
-wants_control as for the noise-aware rule.
+The greedy policy is the original one-run rule (karpathy/autoresearch), for
+comparison: PROMOTE iff the candidate's first score is below the baseline's
+best score, the score of the one run that made it the baseline (the promoted
+candidate's run; for the initial baseline its first control run). No reruns
+of the candidate. Control runs follow wants_control as for the noise-aware
+rule (they give the test-split score and sigma), but greedy's comparison
+ignores them.
 """
 
 from __future__ import annotations
@@ -114,9 +118,9 @@ class Judgement:
     reruns: int  # how many more runs of this candidate to queue now (CONFIRM only)
     control: bool  # run the baseline before those reruns: it has fewer scores than the candidate
     candidate_mean: float  # of the runs the test uses: the first while screening, the reruns after
-    baseline_mean: float  # nan without a baseline score
+    baseline_mean: float  # nan without a baseline score; for greedy its best (first) score
     n_candidate: int  # runs in candidate_mean
-    n_baseline: int
+    n_baseline: int  # runs in baseline_mean
     sigma: float  # pooled run-to-run sigma, this candidate's runs included
     threshold: float  # the gain needed now: the screening margin on the first run
     reason: str  # one human line
@@ -206,6 +210,11 @@ class PromotionRule:
             raise ValueError("judge needs at least one score of the candidate")
         c = self.config
         base = self.baseline_scores(gpu)
+        if c.policy == "greedy":
+            # The original rule: one run against the run that made the baseline the baseline (base[0]:
+            # promote() stores the candidate's scores first). The control runs appended later would
+            # average the luck out of that score and make greedy a different, stronger rule.
+            scores, base = scores[:1], base[:1]
         n_c, n_b = len(scores), len(base)
         tested = scores if n_c == 1 else scores[1:]  # the first run screens; the reruns decide
         sigma, df = self._pooled(gpu, scores)
@@ -224,8 +233,8 @@ class PromotionRule:
 
         if c.policy == "greedy":
             if gain > 0:
-                return judgement(Verdict.PROMOTE, 0.0, "below the baseline mean")
-            return judgement(Verdict.REJECT, 0.0, "not below the baseline mean")
+                return judgement(Verdict.PROMOTE, 0.0, "below the baseline's best score")
+            return judgement(Verdict.REJECT, 0.0, "not below the baseline's best score")
 
         if n_c == 1:
             margin = c.screen_sigmas * sigma
