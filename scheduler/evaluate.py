@@ -100,7 +100,7 @@ def score(model: torch.nn.Module, data: torch.Tensor, device: torch.device) -> t
     if rest:
         pieces.append((data[full * WINDOW : -1][None], data[full * WINDOW + 1 :][None]))
 
-    total_nats = 0.0
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
     for x, y in pieces:
         x = x.to(device, non_blocking=True).long()
         y = y.to(device, non_blocking=True).long()
@@ -110,8 +110,8 @@ def score(model: torch.nn.Module, data: torch.Tensor, device: torch.device) -> t
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise EvalError(f"build_model()'s module returned {shape} for input {tuple(x.shape)}; expected logits {(*x.shape, VOCAB)}")
         nats = F.cross_entropy(logits.float().view(-1, VOCAB), y.view(-1), reduction="none")
-        total_nats += float(nats.double().sum())  # summed in float64: the figure is exact to 1e-9
-    bpc = total_nats / n_targets / math.log(2)
+        total_nats += nats.double().sum()  # float64, kept on the device: one wait for the GPU, not one per batch
+    bpc = float(total_nats) / n_targets / math.log(2)
     if not math.isfinite(bpc):
         raise EvalError(f"the score is {bpc}: the saved weights produce non-finite logits")
     return bpc, n_targets
