@@ -1,6 +1,6 @@
 """The scoring half of the harness: bits per character of saved weights on a whole split.
 
-    python -m scheduler.evaluate CANDIDATE.py OUT_DIR [--data-dir data] [--split val] [--device cuda]
+    python -m scheduler.evaluate CANDIDATE.py OUT_DIR [--data-dir data] [--split val] [--device cuda] [--wait]
 
 Runs in a fresh process that the candidate's training code never ran in: it
 imports the candidate as a module (so its `if __name__ == "__main__":` block
@@ -9,7 +9,13 @@ byte of the split in fixed non-overlapping windows. The same weights give the
 same figure every time. It writes OUT_DIR/result.json (the training statistics
 plus the score) and prints the summary block of the original script.
 
-Exit codes: 0 scored; 1 the evaluation failed (the reason is the last line printed).
+With --wait it first imports the libraries the baseline uses, then waits for
+the line "go" on standard input before it touches the candidate: a trial
+starts it while training runs, so those imports (11-12 s on an H100 machine)
+cost no GPU time, and the candidate's code still runs only once training has
+ended. End of input without "go" (training failed) exits quietly.
+
+Exit codes: 0 scored, or nothing to score after --wait; 1 the evaluation failed (the reason is the last line printed).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ VOCAB = 256
 CAUSAL_TOLERANCE = 1e-3  # logits of a causal model do not move at all; this only absorbs kernel noise
 RESULT_FILE = "result.json"
 FAIL_TAG = "EVAL_FAILED: "
+GO = "go"              # the line --wait waits for
+PRELOADED = ("x_transformers", "adam_atan2_pytorch")  # what the baseline imports beyond torch and the harness
 
 
 class EvalError(Exception):
@@ -174,7 +182,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=("val", "test"), default="val")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--started", type=float, default=None, help="wall-clock start of the whole run (for total_seconds)")
+    parser.add_argument("--wait", action="store_true", help=f"import the libraries, then wait for '{GO}' on stdin")
     args = parser.parse_args(argv)
+    if args.wait:
+        for name in PRELOADED:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass  # a candidate that needs it fails in load_candidate, with its own message
+        if sys.stdin.readline().strip() != GO:
+            return 0
 
     result_path = args.out_dir / RESULT_FILE  # a test-split score is added to an existing result
     stats_path = result_path if result_path.exists() else args.out_dir / STATS_FILE

@@ -6,8 +6,9 @@ its own working folder, starts `python train.py` there as its own process
 group with the budget, seed and data location in the environment, streams the
 harness's progress lines to Tune (the dashboard and `status` show them), keeps
 the output in a size-capped log, and kills the whole group at a hard limit.
-Then `python -m scheduler.evaluate` scores the saved weights. The last report
-carries the trial's result row (see scheduler/results.py).
+Then `python -m scheduler.evaluate` scores the saved weights; it is started
+with training and waits, its library imports done, until training has ended.
+The last report carries the trial's result row (see scheduler/results.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from scheduler.evaluate import FAIL_TAG, RESULT_FILE
+from scheduler.evaluate import FAIL_TAG, GO, RESULT_FILE
 from scheduler.harness import EXIT_NAN, PROGRESS_TAG, STATS_FILE, WEIGHTS_FILE
 from scheduler.prepare import META_FILE
 
@@ -123,10 +124,12 @@ def marked(mark: str) -> list[int]:
     return pids
 
 
-def kill_marked(mark: str) -> int:
+def kill_marked(mark: str, spare: int | None = None) -> int:
     """Kill processes carrying our environment marker that escaped the process group (setsid, double fork)."""
     killed = 0
     for pid in marked(mark):
+        if pid == spare:
+            continue
         try:
             os.kill(pid, signal.SIGKILL)
             killed += 1
@@ -135,10 +138,16 @@ def kill_marked(mark: str) -> int:
     return killed
 
 
-def run_process(cmd: list[str], cwd: Path, env: dict, limit: float, log: OutputLog, report) -> tuple[int, bool]:
-    """Run `cmd` as its own process group; (exit code, timed out). `report` is called every REPORT_EVERY s."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+def start_process(cmd: list[str], cwd: Path, env: dict, waits_for_go: bool = False) -> subprocess.Popen:
+    """Start `cmd` as its own process group, its output piped; a stdin to write to if it waits for "go"."""
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.PIPE if waits_for_go else subprocess.DEVNULL, start_new_session=True)
+
+
+def await_process(proc: subprocess.Popen, limit: float, log: OutputLog, report, mark: str,
+                  spare: int | None = None) -> tuple[int, bool]:
+    """Follow a started process to its end or the limit; (exit code, timed out). Afterwards kill what it left,
+    in its group and by marker, except the process `spare`. `report` is called every REPORT_EVERY s."""
     log.follow(proc.stdout)
     deadline = time.monotonic() + limit
     timed_out = False
@@ -153,9 +162,24 @@ def run_process(cmd: list[str], cwd: Path, env: dict, limit: float, log: OutputL
                 kill_group(proc)
                 break
     kill_group(proc)  # children it left behind in its group
-    kill_marked(env[MARK])
+    kill_marked(mark, spare)
     log.wait()
     return proc.returncode, timed_out
+
+
+def run_process(cmd: list[str], cwd: Path, env: dict, limit: float, log: OutputLog, report) -> tuple[int, bool]:
+    """Run `cmd` as its own process group; (exit code, timed out). `report` is called every REPORT_EVERY s."""
+    return await_process(start_process(cmd, cwd, env), limit, log, report, env[MARK])
+
+
+def send_go(proc: subprocess.Popen, go: bool) -> None:
+    """Tell a waiting evaluation to score (go) or to exit (end of input); it may have died already."""
+    try:
+        if go:
+            proc.stdin.write(f"{GO}\n".encode())
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
 
 
 def classify(code: int, timed_out: bool, lines: list[str], limit: float) -> tuple[str, str]:
@@ -290,9 +314,16 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
                          "gpu": row["gpu_id"]})
 
     limit = config["budget"] + config["startup_allowance"]
-    code, timed_out = run_process([sys.executable, "train.py"], workdir, env, limit, log, report_progress)
+    eval_cmd = [sys.executable, "-m", "scheduler.evaluate", "train.py", str(out_dir),
+                "--data-dir", config["data_dir"], "--device", config["device"]]
+    # Started now so that its imports overlap training; it runs the candidate's code only after "go"
+    evaluation = start_process([*eval_cmd, "--wait"], workdir, env, waits_for_go=True)
+    training = start_process([sys.executable, "train.py"], workdir, env)
+    code, timed_out = await_process(training, limit, log, report_progress, env[MARK], spare=evaluation.pid)
     weights = out_dir / WEIGHTS_FILE
     if code != 0 or timed_out or not weights.exists():
+        send_go(evaluation, go=False)
+        kill_group(evaluation)
         status, reason = classify(code, timed_out, log.last_lines(), limit)
         if code == 0 and not timed_out:
             status, reason = "crash", "training finished without saving weights: call run.finish(model)"
@@ -300,9 +331,8 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
         tune.report({**log.progress, "phase": "eval", "elapsed": round(time.time() - started, 1)})
         result_file = out_dir / RESULT_FILE
         result_file.unlink(missing_ok=True)  # the score comes from the evaluation, never from the candidate
-        eval_cmd = [sys.executable, "-m", "scheduler.evaluate", "train.py", str(out_dir),
-                    "--data-dir", config["data_dir"], "--device", config["device"]]
-        code, timed_out = run_process(eval_cmd, workdir, env, config["eval_timeout"], log, lambda: None)
+        send_go(evaluation, go=True)
+        code, timed_out = await_process(evaluation, config["eval_timeout"], log, lambda: None, env[MARK])
         if code == 0 and not timed_out and result_file.exists():
             status, reason = "ok", ""
             if config.get("score_test"):

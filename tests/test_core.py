@@ -257,6 +257,25 @@ def test_eval_of_a_good_candidate(tmp_path, data_dir, capsys):
     assert lines[-1].startswith("precision:")  # no train_stats.json: the block still prints, with n/a
 
 
+@pytest.mark.parametrize("go", [True, False])
+def test_waiting_evaluation_runs_the_candidate_only_after_go(tmp_path, data_dir, go):
+    """--wait (a trial starts the evaluation beside training) imports libraries only: the candidate's
+    code must not run before training has ended, or it could pass the validation split to training."""
+    candidate = write_candidate(tmp_path / "cand")
+    imported = candidate.with_name("imported")
+    candidate.write_text(candidate.read_text() + f"\nopen({str(imported)!r}, 'w').close()\n")
+    save_weights(tmp_path / "out", dim=256)
+    proc = subprocess.Popen([sys.executable, "-m", "scheduler.evaluate", str(candidate), str(tmp_path / "out"),
+                             "--data-dir", str(data_dir), "--device", "cpu", "--wait"], env=clean_env(),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(3)  # long enough for the imports on a slow machine, which must not touch the candidate
+    assert proc.poll() is None and not imported.exists()
+    output, _ = proc.communicate(evaluate.GO + "\n" if go else "", timeout=60)
+    assert proc.returncode == 0, output
+    assert imported.exists() == go
+    assert (tmp_path / "out" / evaluate.RESULT_FILE).exists() == go
+
+
 def test_eval_wrong_output_shape_cli(tmp_path, data_dir):
     candidate = write_candidate(tmp_path / "cand", dim=128)
     save_weights(tmp_path / "out", dim=128)

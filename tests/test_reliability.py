@@ -151,7 +151,7 @@ def test_killed_selection_actor_and_trial_worker(tmp_path, corpus, background_la
 
     def candidate_and_child() -> list[int]:
         pids = trial_processes(root, [first])
-        return pids if len(pids) == 2 else []
+        return pids if len(pids) == 3 else []  # with the trial's evaluation, started beside it and waiting
 
     # The baseline's control run comes first; then the candidate stalls, with its escaped child.
     stalled = wait_for(candidate_and_child, 240, "the candidate and its child")
@@ -173,7 +173,7 @@ def test_killed_selection_actor_and_trial_worker(tmp_path, corpus, background_la
     worker = next(parent for parent in map(parent_of, stalled) if parent not in stalled)  # the candidate's parent
     os.kill(worker, signal.SIGKILL)
     wait_for(lambda: results.has_row(root / "results", first), 60, "the interrupted row")
-    wait_for(lambda: not trial_processes(root, [first]), 5, "the candidate and its escaped child to be killed")
+    wait_for(lambda: not trial_processes(root, [first]), 5, "the candidate, its escaped child and the evaluation to be killed")
 
     assert launch.wait(120) == 0, launch.stderr()[-3000:]
     log = launch.stderr()
