@@ -172,11 +172,10 @@ def run_process(cmd: list[str], cwd: Path, env: dict, limit: float, log: OutputL
     return await_process(start_process(cmd, cwd, env), limit, log, report, env[MARK])
 
 
-def send_go(proc: subprocess.Popen, go: bool) -> None:
-    """Tell a waiting evaluation to score (go) or to exit (end of input); it may have died already."""
+def send_go(proc: subprocess.Popen) -> None:
+    """Tell a waiting evaluation to score; it may have died already (its output says why)."""
     try:
-        if go:
-            proc.stdin.write(f"{GO}\n".encode())
+        proc.stdin.write(f"{GO}\n".encode())
         proc.stdin.close()
     except BrokenPipeError:
         pass
@@ -322,8 +321,7 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
     code, timed_out = await_process(training, limit, log, report_progress, env[MARK], spare=evaluation.pid)
     weights = out_dir / WEIGHTS_FILE
     if code != 0 or timed_out or not weights.exists():
-        send_go(evaluation, go=False)
-        kill_group(evaluation)
+        kill_group(evaluation)  # nothing to score
         status, reason = classify(code, timed_out, log.last_lines(), limit)
         if code == 0 and not timed_out:
             status, reason = "crash", "training finished without saving weights: call run.finish(model)"
@@ -331,7 +329,7 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
         tune.report({**log.progress, "phase": "eval", "elapsed": round(time.time() - started, 1)})
         result_file = out_dir / RESULT_FILE
         result_file.unlink(missing_ok=True)  # the score comes from the evaluation, never from the candidate
-        send_go(evaluation, go=True)
+        send_go(evaluation)
         code, timed_out = await_process(evaluation, config["eval_timeout"], log, lambda: None, env[MARK])
         if code == 0 and not timed_out and result_file.exists():
             status, reason = "ok", ""
