@@ -15,6 +15,7 @@ that maps LongTensor[B, T] to logits[B, T, 256], and training runs under
 """
 
 import os
+from collections.abc import Callable
 
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
@@ -39,6 +40,9 @@ VOCAB_SIZE = 256          # one token per byte value
 DROPOUT = 0.1             # attention and feed-forward dropout: 300 s is 3 passes over the train split
 SHIFT_TOKENS = 1          # token shift: half of each layer's input features come from the previous byte (0: off)
 VALUE_RESIDUAL = True     # later attention layers mix in the first layer's values (ResFormer)
+# PyTorch attention kernels x-transformers may use (torch.nn.attention.sdpa_kernel). cuDNN's took 1.09 ms against
+# flash's 1.38 for one layer's forward and backward on an H200 (64x6x1024x64, dropout 0.1); math is the fallback
+SDPA_BACKENDS = dict(enable_cudnn=True, enable_math=True)
 
 # Optimization
 LEARNING_RATE = 2e-3      # AdamAtan2 part: embeddings, norms, output layer
@@ -47,6 +51,7 @@ BATCH_SIZE = 64           # sequences per micro-batch
 GRADIENT_ACCUMULATE_EVERY = 1
 WEIGHT_DECAY = 0.0
 GRAD_CLIP = 1.0
+NEWTON_SCHULZ_DTYPE = torch.bfloat16  # Muon's orthogonalisation, as Keller Jordan's Muon: half the time of fp32
 
 # Learning-rate schedule, as fractions of the time budget
 WARMUP_RATIO = 0.02
@@ -57,10 +62,14 @@ FINAL_LR_FRAC = 0.0
 USE_FP8 = os.environ.get("USE_FP8") == "1"
 USE_FP16 = os.environ.get("USE_FP16") == "1"
 USE_COMPILE = os.environ.get("USE_COMPILE", "1") == "1"
-# "reduce-overhead" adds CUDA graphs: a 4x1024 micro-batch's forward and backward went from 12.4 to 4.2 ms on an
-# H100 (bench/profile_step.py); worth trying when batches are small and steps many. It needs
-# GRADIENT_ACCUMULATE_EVERY = 1: a graph's next replay overwrites the gradients accumulation still holds
-COMPILE_MODE = "default"
+# Compile each block (norm, attention, feed-forward, residual) on its own instead of the whole loss: identical
+# layers share one compiled graph, so a cold start traces one layer, not all. On an H200 the first steps took
+# 31 s instead of 46, and training ran 6% slower (the blocks' seams are not fused)
+COMPILE_BLOCKS = False
+# Record the whole step (forward, backward, clipping, optimizer) as one CUDA graph after the first compiled
+# steps and replay it: small models are otherwise limited by Python launching hundreds of kernels a step
+CUDA_GRAPHS = True
+EAGER_STEPS = 2           # steps run before the capture (compilation); the harness does not time the first 3
 
 # ---------------------------------------------------------------------------
 # Model
@@ -78,6 +87,7 @@ def build_model() -> torch.nn.Module:
             heads=MODEL_HEADS,
             rotary_pos_emb=True,   # relative positions; nothing to learn per position
             attn_flash=True,       # PyTorch's fused scaled-dot-product attention
+            attn_attend_sdp_kwargs=SDPA_BACKENDS,
             attn_dropout=DROPOUT,
             ff_dropout=DROPOUT,
             attn_qk_norm=True,     # keeps attention logits bounded at high learning rates
@@ -90,89 +100,99 @@ def build_model() -> torch.nn.Module:
 
 
 class BatchedMuonAdamAtan2(MuonAdamAtan2):
-    """MuonAdamAtan2's update, computed for many tensors at once.
+    """MuonAdamAtan2's update computed for many tensors at once, with its state on the device.
 
     The library steps parameter by parameter in Python: about 1,200 small GPU
     kernels a step for the default model, 45 ms on an H100, as long as the
     forward and backward pass together. This step does the same arithmetic
-    with foreach ops and one batched Newton-Schulz per matrix shape. Options
-    train.py does not use (regenerative regularisation, cautious updates,
-    NorMuon, decoupled weight decay) take the library's own step.
+    with foreach ops and one batched Newton-Schulz per matrix shape (in
+    NEWTON_SCHULZ_DTYPE; the library's is float32). The step
+    count and the schedule's factor (`lr_scale`, which multiplies every
+    group's `lr`) are device tensors, so a CUDA graph of the step reads their
+    current values at every replay. It implements the options train.py uses;
+    for the library's others (cautious updates, NorMuon, regenerative
+    regularisation, decoupled weight decay) use MuonAdamAtan2 itself, set each
+    group's `lr` from the schedule, and set CUDA_GRAPHS = False.
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.decoupled_wd or any(g["regen_reg_rate"] > 0 or g["cautious_factor"] < 1 or g["use_normuon"]
+                                    for g in self.param_groups):
+            raise ValueError("BatchedMuonAdamAtan2 does not implement decoupled_wd, regen_reg_rate, cautious_factor "
+                             "or use_normuon: use adam_atan2_pytorch.MuonAdamAtan2 with CUDA_GRAPHS = False")
+        device = self.param_groups[0]["params"][0].device
+        self.lr_scale = torch.ones((), device=device)  # the schedule's factor: fill_() it before each step
+        self.steps = torch.zeros((), device=device)
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.decoupled_wd or any(g["regen_reg_rate"] > 0 or g["cautious_factor"] < 1 or g["use_normuon"]
-                                    for g in self.param_groups):
-            return super().step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.steps += 1
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            lr, wd = group["lr"], group["weight_decay"]
-            if wd > 0:
-                torch._foreach_mul_(params, 1.0 - lr * wd)
+            lr = self.lr_scale * group["lr"]
+            if group["weight_decay"] > 0:
+                torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
             grads = [p.grad for p in params]
-            states = [self.state[p] for p in params]
-            for p, state in zip(params, states):
-                if not state:
-                    state["steps"] = 0
-                    state["exp_avg"] = torch.zeros_like(p.grad)
+            for p in params:
+                if not self.state[p]:
+                    self.state[p]["exp_avg"] = torch.zeros_like(p)
                     if not group["use_muon"]:
-                        state["exp_avg_sq"] = torch.zeros_like(p.grad)
-                state["steps"] += 1
-            exp_avgs = [state["exp_avg"] for state in states]
+                        self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+            exp_avgs = [self.state[p]["exp_avg"] for p in params]
             torch._foreach_lerp_(exp_avgs, grads, 1.0 - group["beta1"])
             if group["use_muon"]:
-                self._muon_update(group, params, exp_avgs)
+                self._muon_update(group, params, exp_avgs, lr)
             else:
-                self._adam_atan2_update(group, params, grads, states)
+                self._adam_atan2_update(group, params, grads, exp_avgs, lr)
         return loss
 
-    def _adam_atan2_update(self, group: dict, params: list, grads: list, states: list) -> None:
+    def _adam_atan2_update(self, group: dict, params: list, grads: list, exp_avgs: list, lr: torch.Tensor) -> None:
         beta1, beta2, a, b = group["beta1"], group["beta2"], group["a"], group["b"]
-        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
         torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(grads, grads), 1.0 - beta2)
-        den = torch._foreach_mul(exp_avg_sqs, [b * b / (1.0 - beta2 ** s["steps"]) for s in states])
+        den = torch._foreach_mul(exp_avg_sqs, b * b / (1.0 - beta2 ** self.steps))
         torch._foreach_sqrt_(den)
-        updates = torch._foreach_mul([s["exp_avg"] for s in states], [1.0 / (1.0 - beta1 ** s["steps"]) for s in states])
+        updates = torch._foreach_div(exp_avgs, 1.0 - beta1 ** self.steps)
         for update, d in zip(updates, den):  # there is no foreach atan2
             update.atan2_(d)
-        torch._foreach_add_(params, updates, alpha=-group["lr"] * a)
+        torch._foreach_mul_(updates, -a * lr)
+        torch._foreach_add_(params, updates)
 
-    def _muon_update(self, group: dict, params: list, exp_avgs: list) -> None:
+    def _muon_update(self, group: dict, params: list, exp_avgs: list, lr: torch.Tensor) -> None:
         by_shape: dict[torch.Size, list[int]] = {}
         for i, exp_avg in enumerate(exp_avgs):
             by_shape.setdefault(exp_avg.shape, []).append(i)
         for shape, index in by_shape.items():
             stacked = torch.stack([exp_avgs[i] for i in index])
             if not self.muon_bypass_update_fn(len(shape)):
-                stacked = newtonschulz5(stacked, steps=group["muon_steps"], eps=group["muon_eps"],
-                                        coefs=group["muon_newton_schulz5_coefs"])
+                orthogonal = newtonschulz5(stacked.to(NEWTON_SCHULZ_DTYPE), steps=group["muon_steps"],
+                                           eps=group["muon_eps"], coefs=group["muon_newton_schulz5_coefs"])
+                stacked = orthogonal.to(stacked.dtype)
             scale = max(shape[-2:]) ** 0.5 * group["muon_rms_factor"]  # match AdamW's update RMS (Kimi)
-            torch._foreach_add_([params[i] for i in index], list(stacked.unbind(0)), alpha=-group["lr"] * scale)
+            torch._foreach_add_([params[i] for i in index], list((stacked * (-scale * lr)).unbind(0)))
 
 
-def build_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module) -> BatchedMuonAdamAtan2:
     """Muon on the hidden matrices x-transformers names, AdamAtan2 on the rest."""
-    optimizer = BatchedMuonAdamAtan2(
+    return BatchedMuonAdamAtan2(
         muon_params=model.muon_parameters(),
         params=model.parameters(),
         lr=LEARNING_RATE,
         muon_lr=MUON_LEARNING_RATE,
         weight_decay=WEIGHT_DECAY,
     )
-    for group in optimizer.param_groups:
-        group["initial_lr"] = group["lr"]  # the schedule scales each group from its own start
-    return optimizer
 
 
 def lr_multiplier(progress: float) -> float:
-    """Warmup, constant, then a linear warmdown to FINAL_LR_FRAC, by fraction of the time budget."""
+    """Warmup, constant, then a linear warmdown to FINAL_LR_FRAC, by fraction of the time budget.
+    It scales every group's learning rate (the optimizer's `lr_scale`)."""
     if progress < WARMUP_RATIO:
         return progress / WARMUP_RATIO
     if progress < 1.0 - WARMDOWN_RATIO:
@@ -215,10 +235,37 @@ def to_float8(model: torch.nn.Module) -> None:
 # ---------------------------------------------------------------------------
 
 
+def compile_blocks(model: torch.nn.Module) -> None:
+    """Compile x-transformers' blocks one by one; the code between them (the layer loop) stays eager."""
+    for norms, block, residual in model.attn_layers.layers:
+        for module in (*norms, block, residual):
+            if module is not None:
+                module.compile()
+    model.attn_layers.final_norm.compile()
+
+
+class GraphedStep:
+    """A training step recorded once as a CUDA graph, then replayed: one launch instead of the hundreds of
+    kernels Python would launch. The step must read only its batch and state that lives on the device; each
+    call copies the new batch into the graph's own input and replays."""
+
+    def __init__(self, step: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> None:
+        self.batch = batch.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = step(self.batch)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        self.batch.copy_(batch)
+        self.graph.replay()
+        return self.loss
+
+
 def main() -> None:
     run = harness.Run()
     device = run.device
     precision = choose_precision(device)
+    use_graphs = CUDA_GRAPHS and device.type == "cuda" and precision != "fp16"  # the scaler's skip check syncs
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
@@ -228,44 +275,47 @@ def main() -> None:
     if precision == "fp8":
         to_float8(model)
     print(f"device: {device} | precision: {precision} | parameters: {run.num_params / 1e6:.1f}M "
-          f"| batch: {BATCH_SIZE}x{MAX_SEQ_LEN}x{GRADIENT_ACCUMULATE_EVERY} | budget: {run.budget:.0f}s", flush=True)
+          f"| batch: {BATCH_SIZE}x{MAX_SEQ_LEN}x{GRADIENT_ACCUMULATE_EVERY} | CUDA graphs: {use_graphs} "
+          f"| budget: {run.budget:.0f}s", flush=True)
 
     def loss_of(batch: torch.Tensor) -> torch.Tensor:
         logits = model(batch[:, :-1])
         return F.cross_entropy(logits.float().view(-1, VOCAB_SIZE), batch[:, 1:].reshape(-1))
 
+    if USE_COMPILE and device.type == "cuda" and COMPILE_BLOCKS:
+        compile_blocks(model)
+    elif USE_COMPILE and device.type == "cuda":
+        loss_of = torch.compile(loss_of)
     autocast = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
                               enabled=precision != "fp32")
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
 
-    def optimizer_step() -> None:
+    def train_step(batch: torch.Tensor) -> torch.Tensor:
+        """One optimizer step over GRADIENT_ACCUMULATE_EVERY micro-batches of `batch`; returns the mean loss."""
+        step_loss = torch.zeros((), device=device)
+        for micro_batch in batch.chunk(GRADIENT_ACCUMULATE_EVERY):
+            with autocast:
+                loss = loss_of(micro_batch) / GRADIENT_ACCUMULATE_EVERY
+            scaler.scale(loss).backward()
+            step_loss += loss.detach()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         scaler.step(optimizer)
         scaler.update()
+        optimizer.zero_grad(set_to_none=True)  # before a capture: the graph then owns the gradients it writes
+        return step_loss
 
-    if USE_COMPILE and device.type == "cuda":
-        if COMPILE_MODE == "reduce-overhead" and GRADIENT_ACCUMULATE_EVERY > 1:
-            raise SystemExit("COMPILE_MODE = 'reduce-overhead' (CUDA graphs) cannot accumulate gradients: set "
-                             "GRADIENT_ACCUMULATE_EVERY = 1 and put the whole batch in BATCH_SIZE, or use "
-                             "COMPILE_MODE = 'default'")
-        loss_of = torch.compile(loss_of, mode=COMPILE_MODE)
-
+    step = train_step
     tokens_per_step = BATCH_SIZE * MAX_SEQ_LEN * GRADIENT_ACCUMULATE_EVERY
     model.train()
-    while not run.done():
-        step_loss = torch.zeros((), device=device)
-        for _ in range(GRADIENT_ACCUMULATE_EVERY):
-            with autocast:
-                loss = loss_of(run.batch(BATCH_SIZE, MAX_SEQ_LEN)) / GRADIENT_ACCUMULATE_EVERY
-            scaler.scale(loss).backward()
-            step_loss += loss.detach()
-        multiplier = lr_multiplier(run.progress)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * multiplier
-        optimizer_step()
-        optimizer.zero_grad(set_to_none=True)
-        run.step(step_loss, tokens=tokens_per_step)
+    side_stream = torch.cuda.Stream() if use_graphs else None  # a graph's warm-up steps run off the default stream
+    with torch.cuda.stream(side_stream):
+        while not run.done():
+            optimizer.lr_scale.fill_(lr_multiplier(run.progress))
+            batch = run.batch(BATCH_SIZE * GRADIENT_ACCUMULATE_EVERY, MAX_SEQ_LEN)
+            run.step(step(batch), tokens=tokens_per_step)
+            if use_graphs and run.steps == EAGER_STEPS:
+                step = GraphedStep(train_step, batch)
 
     run.finish(model, precision=precision, depth=MODEL_DEPTH)
 

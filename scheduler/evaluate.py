@@ -9,11 +9,13 @@ byte of the split in fixed non-overlapping windows. The same weights give the
 same figure every time. It writes OUT_DIR/result.json (the training statistics
 plus the score) and prints the summary block of the original script.
 
-With --wait it first imports the libraries the baseline uses, then waits for
-the line "go" on standard input before it touches the candidate: a trial
-starts it while training runs, so those imports (11-12 s on an H100 machine)
-cost no GPU time, and the candidate's code still runs only once training has
-ended. End of input without "go" (training failed) exits quietly.
+With --wait it first imports the libraries the baseline uses, starts CUDA and
+puts the split on the device, then waits for the line "go" on standard input
+before it touches the candidate: it is started while training runs, so those
+imports (11-12 s on an H100 machine) and CUDA's start cost no GPU time, and the
+candidate's code still runs only once training has ended. While it waits it
+holds a CUDA context (a few hundred MB of GPU memory) beside training. End of
+input without "go" (training failed) exits quietly.
 
 Exit codes: 0 scored, or nothing to score after --wait; 1 the evaluation failed (the reason is the last line printed).
 """
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scheduler.harness import STATS_FILE, WEIGHTS_FILE
+from scheduler.harness import GO, STATS_FILE, WEIGHTS_FILE
 
 WINDOW = 1024          # bytes of context per window; windows do not overlap
 BATCH_WINDOWS = 64     # windows per forward pass
@@ -44,7 +46,6 @@ VOCAB = 256
 CAUSAL_TOLERANCE = 1e-3  # logits of a causal model do not move at all; this only absorbs kernel noise
 RESULT_FILE = "result.json"
 FAIL_TAG = "EVAL_FAILED: "
-GO = "go"              # the line --wait waits for
 PRELOADED = ("x_transformers", "adam_atan2_pytorch")  # what the baseline imports beyond torch and the harness
 
 
@@ -125,8 +126,16 @@ def score(model: torch.nn.Module, data: torch.Tensor, device: torch.device) -> t
     return bpc, n_targets
 
 
-def evaluate(candidate: Path, weights: Path, split_file: Path, device: torch.device) -> dict:
-    """Build the candidate's model, load its weights, and score one split file."""
+def load_split(split_file: Path, device: torch.device) -> torch.Tensor:
+    """The split's bytes as a uint8 tensor on the device (this starts CUDA, which takes a second or two)."""
+    data = torch.from_numpy(np.fromfile(split_file, dtype=np.uint8)).to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return data
+
+
+def evaluate(candidate: Path, weights: Path, data: torch.Tensor, device: torch.device) -> dict:
+    """Build the candidate's model, load its weights, and score the split `data`."""
     started = time.time()
     module = load_candidate(candidate)
     try:
@@ -140,10 +149,6 @@ def evaluate(candidate: Path, weights: Path, split_file: Path, device: torch.dev
         detail = "; ".join(line.strip() for line in str(error).strip().splitlines()[:3])
         raise EvalError(f"saved weights do not fit build_model()'s module: {detail}") from error
     model = model.to(device).eval()
-    data = torch.from_numpy(np.fromfile(split_file, dtype=np.uint8))
-    if device.type == "cuda":
-        data = data.to(device)
-        torch.cuda.synchronize(device)
     check_causal(model, data, device)
     t0 = time.time()
     bpc, n = score(model, data, device)
@@ -184,21 +189,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--started", type=float, default=None, help="wall-clock start of the whole run (for total_seconds)")
     parser.add_argument("--wait", action="store_true", help=f"import the libraries, then wait for '{GO}' on stdin")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
     if args.wait:
         for name in PRELOADED:
             try:
                 importlib.import_module(name)
             except ImportError:
                 pass  # a candidate that needs it fails in load_candidate, with its own message
-        if sys.stdin.readline().strip() != GO:
-            return 0
+    split_file = args.data_dir / f"{args.split}.bin"
+    data = load_split(split_file, device) if split_file.exists() else None
+    if args.wait and sys.stdin.readline().strip() != GO:
+        return 0
 
     result_path = args.out_dir / RESULT_FILE  # a test-split score is added to an existing result
     stats_path = result_path if result_path.exists() else args.out_dir / STATS_FILE
     result = json.loads(stats_path.read_text()) if stats_path.exists() else {}
     try:
-        scored = evaluate(args.candidate.resolve(), args.out_dir / WEIGHTS_FILE,
-                          args.data_dir / f"{args.split}.bin", torch.device(args.device))
+        if data is None:
+            raise EvalError(f"no {args.split} split at {split_file}; run `python -m scheduler prepare` first")
+        scored = evaluate(args.candidate.resolve(), args.out_dir / WEIGHTS_FILE, data, device)
     except EvalError as error:
         print(FAIL_TAG + str(error), flush=True)
         return 1

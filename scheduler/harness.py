@@ -14,8 +14,9 @@ A candidate's `train.py` imports this module and trains through it:
 The training process only ever gets the train split. `finish` saves the weights;
 scoring happens in a fresh process (scheduler/evaluate.py) that imports the
 candidate's `build_model()` and loads those weights. Run on its own
-(`python train.py`), `finish` hands the process over to that evaluation, so
-the summary block is printed as the original script printed it.
+(`python train.py`), `Run()` starts that evaluation beside training, waiting
+with its imports done, and `finish` tells it to score and hands the terminal
+over to it, so the summary block is printed as the original script printed it.
 
 Environment (set by the scheduler's trial; defaults make `python train.py` work):
     SCHEDULER_TRAIN_DATA   path of the train split (default data/train.bin)
@@ -31,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,6 +48,9 @@ PROGRESS_TAG = "@@progress "  # the trial parses lines that start with this
 EXIT_NAN = 3              # exit code for a loss that is not finite: the trial classifies it as "nan"
 WEIGHTS_FILE = "model.pt"
 STATS_FILE = "train_stats.json"
+GO = "go"                 # the line a waiting evaluation (evaluate --wait) waits for before it scores
+# What a finished standalone run becomes: a process that waits for the evaluation and exits with its code
+WAIT_FOR_CHILD = "import os, sys; _, s = os.waitpid(int(sys.argv[1]), 0); sys.exit(os.waitstatus_to_exitcode(s))"
 
 # Dense BF16 peak (no sparsity) in TFLOP/s, matched against torch.cuda.get_device_name().
 # Order matters: the first substring that matches wins.
@@ -74,6 +79,29 @@ def peak_tflops(device_name: str) -> float | None:
         if key in device_name:
             return tflops
     return None
+
+
+def evaluation_command(candidate: str | Path, out_dir: str | Path, data_dir: str | Path, device: str) -> list[str]:
+    """The command that scores `out_dir`'s weights with `candidate`'s build_model() (scheduler/evaluate.py)."""
+    return [sys.executable, "-m", "scheduler.evaluate", str(candidate), str(out_dir),
+            "--data-dir", str(data_dir), "--device", device]
+
+
+def send_go(evaluation: subprocess.Popen) -> None:
+    """Tell a waiting evaluation to score; it may have died already (its output says why)."""
+    try:
+        evaluation.stdin.write(f"{GO}\n".encode())
+        evaluation.stdin.close()
+    except BrokenPipeError:
+        pass
+
+
+def attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """Model FLOPs of a fused attention backward: twice its forward, as MFU counts them. torch's own
+    formula adds the scores the kernel recomputes, so the same model's MFU would depend on the kernel."""
+    batch, heads, q_len, qk_dim = query_shape
+    k_len, v_dim = key_shape[-2], value_shape[-1]
+    return 2 * 2 * batch * heads * q_len * k_len * (qk_dim + v_dim)
 
 
 def _env_float(name: str, default: float) -> float:
@@ -120,6 +148,7 @@ class Run:
         self.warmup_seconds = 0.0    # the uncounted first steps: mostly compilation
         self._started = time.time()
         self._perf_started = time.perf_counter()
+        self._evaluation = None if os.environ.get("SCHEDULER_TRIAL") else self._start_evaluation(train_path)
 
     # ------------------------------------------------------------------ data
 
@@ -140,7 +169,11 @@ class Run:
             from torch.utils.flop_counter import FlopCounterMode
 
             x = torch.zeros(1, seq_len, dtype=torch.long, device=self.device)
-            counter = FlopCounterMode(display=False)
+            aten = torch.ops.aten
+            fused_backwards = (aten._scaled_dot_product_efficient_attention_backward,
+                               aten._scaled_dot_product_flash_attention_backward,
+                               aten._scaled_dot_product_cudnn_attention_backward)
+            counter = FlopCounterMode(display=False, custom_mapping=dict.fromkeys(fused_backwards, attention_backward_flops))
             with counter:
                 model(x).float().sum().backward()
             model.zero_grad(set_to_none=True)
@@ -269,18 +302,23 @@ class Run:
         (self.out_dir / STATS_FILE).write_text(json.dumps(stats, indent=2))
         print(f"harness: saved {weights} after {self.steps} steps, {self.training_seconds:.1f} s of training", flush=True)
 
-        if not os.environ.get("SCHEDULER_TRIAL"):
-            self._evaluate_here()
+        if self._evaluation is not None:
+            self._hand_over_to_evaluation()
 
-    def _evaluate_here(self) -> None:
-        """Replace this process by the evaluation, so the training code's state is gone when scoring."""
-        candidate = os.path.abspath(sys.modules["__main__"].__file__)
-        train_path = Path(os.environ.get("SCHEDULER_TRAIN_DATA", "data/train.bin")).resolve()
+    def _start_evaluation(self, train_path: Path) -> subprocess.Popen | None:
+        """On its own (not a trial), start the evaluation now: its imports (seconds) overlap training, and
+        it touches the candidate only after "go" (scheduler/evaluate.py --wait)."""
+        candidate = getattr(sys.modules["__main__"], "__file__", None)
+        if candidate is None:  # an interactive session: finish() only saves
+            return None
+        command = evaluation_command(os.path.abspath(candidate), self.out_dir, train_path.resolve().parent,
+                                     self.device.type)
+        return subprocess.Popen([*command, "--started", str(self._started), "--wait"], stdin=subprocess.PIPE)
+
+    def _hand_over_to_evaluation(self) -> None:
+        """Tell the evaluation to score, then replace this process by one that waits for it: the training
+        code's state and GPU memory are gone while it scores, and the exit code is the evaluation's."""
+        send_go(self._evaluation)
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execv(
-            sys.executable,
-            [sys.executable, "-m", "scheduler.evaluate", candidate, str(self.out_dir),
-             "--data-dir", str(train_path.parent), "--device", self.device.type,
-             "--started", str(self._started)],
-        )
+        os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", WAIT_FOR_CHILD, str(self._evaluation.pid)])

@@ -24,8 +24,8 @@ import time
 from collections import deque
 from pathlib import Path
 
-from scheduler.evaluate import FAIL_TAG, GO, RESULT_FILE
-from scheduler.harness import EXIT_NAN, PROGRESS_TAG, STATS_FILE, WEIGHTS_FILE
+from scheduler.evaluate import FAIL_TAG, RESULT_FILE
+from scheduler.harness import EXIT_NAN, PROGRESS_TAG, STATS_FILE, WEIGHTS_FILE, evaluation_command, send_go
 from scheduler.prepare import META_FILE
 
 LOG_HEAD_BYTES = 256_000     # the log keeps the first bytes of output ...
@@ -172,15 +172,6 @@ def run_process(cmd: list[str], cwd: Path, env: dict, limit: float, log: OutputL
     return await_process(start_process(cmd, cwd, env), limit, log, report, env[MARK])
 
 
-def send_go(proc: subprocess.Popen) -> None:
-    """Tell a waiting evaluation to score; it may have died already (its output says why)."""
-    try:
-        proc.stdin.write(f"{GO}\n".encode())
-        proc.stdin.close()
-    except BrokenPipeError:
-        pass
-
-
 def classify(code: int, timed_out: bool, lines: list[str], limit: float) -> tuple[str, str]:
     """(status, one-line reason) of a training process that did not finish cleanly."""
     text = "\n".join(lines)
@@ -313,8 +304,7 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
                          "gpu": row["gpu_id"]})
 
     limit = config["budget"] + config["startup_allowance"]
-    eval_cmd = [sys.executable, "-m", "scheduler.evaluate", "train.py", str(out_dir),
-                "--data-dir", config["data_dir"], "--device", config["device"]]
+    eval_cmd = evaluation_command("train.py", out_dir, config["data_dir"], config["device"])
     # Started now so that its imports overlap training; it runs the candidate's code only after "go"
     evaluation = start_process([*eval_cmd, "--wait"], workdir, env, waits_for_go=True)
     training = start_process([sys.executable, "train.py"], workdir, env)

@@ -113,6 +113,53 @@ def test_train_py_trains_and_is_scored(tmp_path, tiny_train, data_dir):
     assert (out / harness.WEIGHTS_FILE).is_file()
 
 
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of running processes that contain `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if text in cmdline and entry.name != str(os.getpid()):
+            found.append(cmdline)
+    return found
+
+
+def test_standalone_run_exits_with_the_evaluations_code(tmp_path, tiny_train, data_dir):
+    """`python train.py` hands over to the evaluation it started beside training; when scoring fails, the
+    run's exit code says so."""
+    tiny_train.write_text(tiny_train.read_text().replace('if __name__ == "__main__":\n    main()', textwrap.dedent('''
+        _build = build_model
+        def build_model():
+            if __name__ != "__main__":
+                raise RuntimeError("this model exists only while training")
+            return _build()
+
+        if __name__ == "__main__":
+            main()''')))
+    env = clean_env(SCHEDULER_TRAIN_DATA=data_dir / "train.bin", SCHEDULER_OUT=tmp_path / "out",
+                    SCHEDULER_BUDGET=1, SCHEDULER_DEVICE="cpu")
+    proc = run_python(["train.py"], cwd=tmp_path, env=env, timeout=90)
+    assert proc.returncode == 1, proc.stdout
+    assert "EVAL_FAILED: build_model() raised RuntimeError: this model exists only while training" in proc.stdout
+    assert (tmp_path / "out" / harness.WEIGHTS_FILE).is_file()
+
+
+def test_standalone_run_that_crashes_leaves_no_evaluation_behind(tmp_path, tiny_train, data_dir):
+    """Training that fails before finish(): the waiting evaluation sees its input close and exits."""
+    tiny_train.write_text(tiny_train.read_text().replace("    run = harness.Run()\n",
+                                                         "    run = harness.Run()\n    raise SystemExit(7)\n"))
+    env = clean_env(SCHEDULER_TRAIN_DATA=data_dir / "train.bin", SCHEDULER_OUT=tmp_path / "out",
+                    SCHEDULER_BUDGET=1, SCHEDULER_DEVICE="cpu")
+    proc = run_python(["train.py"], cwd=tmp_path, env=env, timeout=90)
+    assert proc.returncode == 7, proc.stdout
+    deadline = time.time() + 30
+    while processes_mentioning(str(tmp_path / "out")) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not processes_mentioning(str(tmp_path / "out"))
+
+
 def test_trial_saves_only_and_evaluation_is_deterministic(tmp_path, tiny_train, data_dir):
     """Under the scheduler (SCHEDULER_TRIAL) training only saves, from a folder holding nothing but
     the train split; the evaluation, a separate process, gives the same figure every time."""
@@ -509,8 +556,25 @@ def test_a_model_that_sees_later_bytes_is_refused():
     check_causal(torch.nn.Sequential(torch.nn.Embedding(256, 256)), data, torch.device("cpu"))  # causal: passes
 
 
+def test_attention_backward_counts_twice_the_forward():
+    """MFU's FLOPs: a fused attention backward counts twice its forward, whatever kernel recomputes inside."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    q, k, v = (2, 6, 1024, 64), (2, 6, 1024, 64), (2, 6, 1024, 32)
+    assert harness.attention_backward_flops(q, q, k, v) == 2 * sdpa_flop_count(q, k, v)
+
+
+def test_eval_without_the_split_says_how_to_fix(tmp_path, capsys):
+    candidate = write_candidate(tmp_path / "cand")
+    save_weights(tmp_path / "out", dim=256)
+    code, lines = run_main(capsys, candidate, tmp_path / "out", tmp_path / "no-data")
+    assert code == 1
+    assert lines[-1].startswith(evaluate.FAIL_TAG + "no val split at") and "scheduler prepare" in lines[-1]
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_batched_optimizer_matches_the_library(weight_decay):
+@pytest.mark.parametrize("lr_scale", [1.0, 0.25])
+def test_batched_optimizer_matches_the_library(weight_decay, lr_scale):
     """train.py's BatchedMuonAdamAtan2 takes the same steps as adam_atan2_pytorch's MuonAdamAtan2."""
     import copy
     import importlib.util
@@ -521,15 +585,20 @@ def test_batched_optimizer_matches_the_library(weight_decay):
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
     train.MODEL_DIM, train.MODEL_DEPTH, train.MODEL_HEADS, train.DROPOUT = 64, 2, 2, 0.0  # no random masks
+    train.NEWTON_SCHULZ_DTYPE = torch.float32  # the library's precision
     torch.manual_seed(0)
     library_model = train.build_model()
     batched_model = copy.deepcopy(library_model)
     initial = copy.deepcopy(library_model)
     settings = dict(lr=2e-3, muon_lr=3e-3, weight_decay=weight_decay)
-    pairs = [(library_model, MuonAdamAtan2(muon_params=library_model.muon_parameters(),
-                                           params=library_model.parameters(), **settings)),
-             (batched_model, train.BatchedMuonAdamAtan2(muon_params=batched_model.muon_parameters(),
-                                                        params=batched_model.parameters(), **settings))]
+    library = MuonAdamAtan2(muon_params=library_model.muon_parameters(), params=library_model.parameters(),
+                            **settings)
+    for group in library.param_groups:  # what the batched optimizer's lr_scale does to every group
+        group["lr"] *= lr_scale
+    batched = train.BatchedMuonAdamAtan2(muon_params=batched_model.muon_parameters(),
+                                         params=batched_model.parameters(), **settings)
+    batched.lr_scale.fill_(lr_scale)
+    pairs = [(library_model, library), (batched_model, batched)]
     for _ in range(4):
         batch = torch.randint(0, 256, (2, 33))
         for model, optimizer in pairs:
@@ -541,4 +610,15 @@ def test_batched_optimizer_matches_the_library(weight_decay):
     assert moved > 1e-3  # the steps did something, so agreeing means something
     for p, q in zip(library_model.parameters(), batched_model.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
-    assert pairs[1][1].state[next(iter(batched_model.parameters()))]["steps"] == 4
+    assert batched.steps.item() == 4
+
+
+def test_batched_optimizer_refuses_options_it_does_not_implement():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_module", Path(__file__).resolve().parents[1] / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="use adam_atan2_pytorch.MuonAdamAtan2 with CUDA_GRAPHS = False"):
+        train.BatchedMuonAdamAtan2(muon_params=[model.weight], params=model.parameters(), cautious_factor=0.5)
