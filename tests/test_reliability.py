@@ -79,8 +79,9 @@ def test_hostile_candidates(tmp_path, corpus):  # noqa: F811
     for t in threads:
         t.join()
 
+    # the allowance must hold a tiny trial's start with three trials and their evaluations sharing 2 cores
     done = scheduler(root, "launch", "--pretend-gpus", "3", "--device", "cpu", "--budget", "2", "--no-dashboard",
-                     "--exit-when-idle", "--promotion", "greedy", "--startup-allowance", "20")
+                     "--exit-when-idle", "--promotion", "greedy", "--startup-allowance", "60")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = results.read_trials(root / "results")
     first = rows[rows["kind"] == "candidate"]
