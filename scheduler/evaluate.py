@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=("val", "test"), default="val")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--started", type=float, default=None, help="wall-clock start of the whole run (for total_seconds)")
-    parser.add_argument("--wait", action="store_true", help=f"import the libraries, then wait for '{GO}' on stdin")
+    parser.add_argument("--wait", action="store_true", help=f"import the libraries and load the split, then wait for '{GO}' on stdin")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.wait:

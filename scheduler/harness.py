@@ -173,7 +173,8 @@ class Run:
             fused_backwards = (aten._scaled_dot_product_efficient_attention_backward,
                                aten._scaled_dot_product_flash_attention_backward,
                                aten._scaled_dot_product_cudnn_attention_backward)
-            counter = FlopCounterMode(display=False, custom_mapping=dict.fromkeys(fused_backwards, attention_backward_flops))
+            counter = FlopCounterMode(display=False,
+                                      custom_mapping=dict.fromkeys(fused_backwards, attention_backward_flops))
             with counter:
                 model(x).float().sum().backward()
             model.zero_grad(set_to_none=True)
