@@ -572,18 +572,25 @@ def test_eval_without_the_split_says_how_to_fix(tmp_path, capsys):
     assert lines[-1].startswith(evaluate.FAIL_TAG + "no val split at") and "scheduler prepare" in lines[-1]
 
 
+def load_train_module():
+    """The repository's train.py as a fresh module (its constants can be changed without touching others)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_module", Path(__file__).resolve().parents[1] / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    return train
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("lr_scale", [1.0, 0.25])
 def test_batched_optimizer_matches_the_library(weight_decay, lr_scale):
     """train.py's BatchedMuonAdamAtan2 takes the same steps as adam_atan2_pytorch's MuonAdamAtan2."""
     import copy
-    import importlib.util
 
     from adam_atan2_pytorch import MuonAdamAtan2
 
-    spec = importlib.util.spec_from_file_location("train_module", Path(__file__).resolve().parents[1] / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load_train_module()
     train.MODEL_DIM, train.MODEL_DEPTH, train.MODEL_HEADS, train.DROPOUT = 64, 2, 2, 0.0  # no random masks
     train.NEWTON_SCHULZ_DTYPE = torch.float32  # the library's precision
     torch.manual_seed(0)
@@ -614,11 +621,7 @@ def test_batched_optimizer_matches_the_library(weight_decay, lr_scale):
 
 
 def test_batched_optimizer_refuses_options_it_does_not_implement():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_module", Path(__file__).resolve().parents[1] / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load_train_module()
     model = torch.nn.Linear(4, 4)
     with pytest.raises(ValueError, match="use adam_atan2_pytorch.MuonAdamAtan2 with CUDA_GRAPHS = False"):
         train.BatchedMuonAdamAtan2(muon_params=[model.weight], params=model.parameters(), cautious_factor=0.5)
