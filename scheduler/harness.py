@@ -29,6 +29,9 @@ Environment (set by the scheduler's trial; defaults make `python train.py` work)
 
 from __future__ import annotations
 
+import atexit
+import functools
+import gc
 import json
 import math
 import os
@@ -104,6 +107,13 @@ def attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape
     return 2 * 2 * batch * heads * q_len * k_len * (qk_dim + v_dim)
 
 
+@functools.cache  # once per process
+def skip_final_collection() -> None:
+    """Let this process exit without Python's last garbage collection, which walks every object torch and
+    x-transformers created: 1.7 s of a 2-core CPU per process (0.3 s with this), paid twice by every trial."""
+    atexit.register(gc.freeze)
+
+
 def _env_float(name: str, default: float) -> float:
     value = os.environ.get(name, "")
     try:
@@ -116,6 +126,7 @@ class Run:
     """Owns the data, the clock and the saving of one training run."""
 
     def __init__(self) -> None:
+        skip_final_collection()
         self.budget = _env_float("SCHEDULER_BUDGET", DEFAULT_BUDGET)
         self.seed = int(_env_float("SCHEDULER_SEED", 0))
         device = os.environ.get("SCHEDULER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
