@@ -51,14 +51,17 @@ def submit(layout: Layout, file: Path, agent: str, description: str, parent: str
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", agent):
         raise SubmitError(f"agent name {agent!r}: use 1-64 letters, digits, '.', '_' or '-'")
     layout.candidates.mkdir(parents=True, exist_ok=True)
-    candidate_id = new_candidate_id()
-    name = f"{candidate_id}.py"
-    meta = {"candidate_id": candidate_id, "agent": agent, "description": description,
-            "parent": parent, "submitted_at": time.time()}
-    meta_path = _meta_path(layout.candidates, name)
-    tmp = layout.candidates / f".{name}.meta.tmp"
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, meta_path)
+    while True:  # two submissions in the same second may draw the same id: the metadata file claims it
+        candidate_id = new_candidate_id()
+        name = f"{candidate_id}.py"
+        try:
+            meta_file = open(_meta_path(layout.candidates, name), "x")
+            break
+        except FileExistsError:
+            continue
+    with meta_file:  # scan reads it only once the .py below appears, after it is complete
+        json.dump({"candidate_id": candidate_id, "agent": agent, "description": description,
+                   "parent": parent, "submitted_at": time.time()}, meta_file)
     tmp = layout.candidates / f"{name}.part"
     shutil.copyfile(file, tmp)
     os.replace(tmp, layout.candidates / name)

@@ -47,6 +47,24 @@ def test_eight_agents_submitting_while_intake_scans(tmp_path):
     assert not intake.waiting(layout)
 
 
+def test_two_submissions_that_draw_the_same_id_both_arrive(tmp_path, monkeypatch):
+    """Ids are the second plus 24 random bits: two agents submitting in the same second can draw the same one
+    (it happened once in the 200-file load test below). The second submission must draw again, not overwrite."""
+    layout = Layout.at(tmp_path)
+    layout.make()
+    drawn = iter(["20261201-120000-aaaaaa", "20261201-120000-aaaaaa", "20261201-120000-bbbbbb"])
+    monkeypatch.setattr(intake, "new_candidate_id", lambda: next(drawn))
+    sources = []
+    for i in range(2):
+        sources.append(tmp_path / f"mine{i}.py")
+        sources[-1].write_text(SOURCE.format(agent="a", i=i))
+    ids = [intake.submit(layout, source, "agent-a", f"idea {i}", parent="") for i, source in enumerate(sources)]
+    assert ids == ["20261201-120000-aaaaaa", "20261201-120000-bbbbbb"]
+    intake.scan(layout, "base-x")
+    queued = {e.candidate_id: e.description for e in queue.pending(layout)}
+    assert queued == {ids[0]: "idea 0", ids[1]: "idea 1"}
+
+
 def test_odd_files_each_get_a_rejected_row_and_nothing_else_is_touched(tmp_path):
     """What launch's searcher runs on every scan, given files no agent should send."""
     layout = Layout.at(tmp_path)
