@@ -272,7 +272,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
-    with device:  # initialised on the GPU: faster than on the CPU and a copy
+    with device:  # initialised where it trains: on a GPU, faster than on the CPU and a copy
         model = build_model()
     run.watch(model, seq_len=MAX_SEQ_LEN)
     optimizer = build_optimizer(model)

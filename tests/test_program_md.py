@@ -33,7 +33,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAM = ROOT / "program.md"
 FILE_PLACEHOLDER, AGENT_PLACEHOLDER = "my_variant.py", "agent-1"
-LAUNCH = ["launch", "--pretend-gpus", "2", "--device", "cpu", "--budget", "2", "--no-dashboard"]
+# one baseline score and one confirmation suffice for the agents' loop tested here; the defaults (5 and 3) add trials
+LAUNCH = ["launch", "--pretend-gpus", "2", "--device", "cpu", "--budget", "2", "--no-dashboard",
+          "--min-baseline-runs", "1", "--confirmations", "1"]
 SCRIPT_TIMEOUT = 300  # seconds for one run of program.md's commands (Ray's start-up included)
 
 

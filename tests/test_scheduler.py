@@ -19,7 +19,7 @@ from conftest import wait_for
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(MODEL_DIM=32, MODEL_DEPTH=1, MODEL_HEADS=2, BATCH_SIZE=4)
 LAUNCH = ["launch", "--pretend-gpus", "3", "--device", "cpu", "--budget", "2", "--no-dashboard",
-          "--startup-allowance", "60"]
+          "--startup-allowance", "60", "--min-baseline-runs", "1"]  # more control runs would test nothing here
 
 pytestmark = pytest.mark.slow
 
@@ -132,14 +132,16 @@ def test_kill_9_then_relaunch_loses_nothing(tmp_path, corpus, background_launch)
     path = tmp_path / "slow.py"
     path.write_text(slow)
     cid = scheduler(root, "submit", str(path), "--agent", "a1", "-m", "slow").stdout.strip()
-    launch = background_launch(root, "--pretend-gpus", "1", "--device", "cpu", "--budget", "60", "--no-dashboard")
+    few_reruns = ["--min-baseline-runs", "1", "--confirmations", "1"]  # what is tested here needs no more trials
+    launch = background_launch(root, "--pretend-gpus", "1", "--device", "cpu", "--budget", "60", "--no-dashboard",
+                               *few_reruns)
     live = root / "results" / "live"
     running = wait_for(lambda: [p.stem for p in live.glob("*.json")], 180, "a trial to start")  # control or candidate
     launch.proc.kill()  # kill -9 of launch alone: its Ray dies with it, the fixture ends what lingers
     launch.proc.wait()
 
     done = scheduler(root, "launch", "--pretend-gpus", "1", "--device", "cpu", "--budget", "2", "--no-dashboard",
-                     "--exit-when-idle")
+                     "--exit-when-idle", *few_reruns)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = results.read_trials(root / "results")
     assert rows["trial_id"].is_unique
