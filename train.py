@@ -67,7 +67,7 @@ USE_COMPILE = os.environ.get("USE_COMPILE", "1") == "1"
 INDUCTOR_OPTIONS = {"triton.autotune_pointwise": False}
 # Compile each block (norm, attention, feed-forward, residual) on its own instead of the whole loss: identical
 # layers share one compiled graph, so a cold start traces one layer, not all. On an H200 the first steps took
-# 31 s instead of 46, and training ran 6% slower (the blocks' seams are not fused)
+# 35 s instead of 50, and training ran 6% slower (the blocks' seams are not fused)
 COMPILE_BLOCKS = False
 # Record the whole step (forward, backward, clipping, optimizer) as one CUDA graph after the first compiled
 # steps and replay it: small models are otherwise limited by Python launching hundreds of kernels a step
