@@ -286,10 +286,11 @@ def main() -> None:
         logits = model(batch[:, :-1])
         return F.cross_entropy(logits.float().view(-1, VOCAB_SIZE), batch[:, 1:].reshape(-1))
 
-    if USE_COMPILE and device.type == "cuda" and COMPILE_BLOCKS:
-        compile_blocks(model)
-    elif USE_COMPILE and device.type == "cuda":
-        loss_of = torch.compile(loss_of, options=INDUCTOR_OPTIONS)
+    if USE_COMPILE and device.type == "cuda":
+        if COMPILE_BLOCKS:
+            compile_blocks(model)
+        else:
+            loss_of = torch.compile(loss_of, options=INDUCTOR_OPTIONS)
     autocast = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
                               enabled=precision != "fp32")
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
