@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scheduler.constants import override  # noqa: E402
-from scheduler.harness import evaluation_command  # noqa: E402
+from scheduler.protocol import evaluation_command  # noqa: E402
 
 # The single-GPU script this project started from (TimS-ml/autoresearch-x-transformers), in our harness.
 ORIGINAL_MODEL = ("MODEL_DIM=512 MODEL_DEPTH=6 MODEL_HEADS=8 DROPOUT=0.0 SHIFT_TOKENS=0 VALUE_RESIDUAL=False "

@@ -38,15 +38,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scheduler.harness import GO, STATS_FILE, WEIGHTS_FILE, skip_final_collection
+from scheduler.harness import skip_final_collection
+from scheduler.protocol import FAIL_TAG, GO, RESULT_FILE, STATS_FILE, WEIGHTS_FILE
 
 WINDOW = 1024          # bytes of context per window; windows do not overlap
 BATCH_WINDOWS = 64     # windows per forward pass
 VOCAB = 256
 IGNORE = -1            # the target of a padding position: not scored
 CAUSAL_TOLERANCE = 1e-3  # logits of a causal model do not move at all; this only absorbs kernel noise
-RESULT_FILE = "result.json"
-FAIL_TAG = "EVAL_FAILED: "
 PRELOADED = ("x_transformers", "adam_atan2_pytorch")  # what the baseline imports beyond torch and the harness
 
 

@@ -43,15 +43,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scheduler.protocol import EXIT_NAN, PROGRESS_TAG, STATS_FILE, WEIGHTS_FILE, evaluation_command, send_go
+
 DEFAULT_BUDGET = 300.0
 WARMUP_STEPS = 3          # first steps compile and autotune: they are not counted as training time
 SYNC_EVERY = 1.0          # seconds between waits for the device (clock, loss check)
 PROGRESS_EVERY = 5.0      # seconds between progress lines
-PROGRESS_TAG = "@@progress "  # the trial parses lines that start with this
-EXIT_NAN = 3              # exit code for a loss that is not finite: the trial classifies it as "nan"
-WEIGHTS_FILE = "model.pt"
-STATS_FILE = "train_stats.json"
-GO = "go"                 # the line a waiting evaluation (evaluate --wait) waits for before it scores
 # What a finished standalone run becomes: a process that waits for the evaluation and exits with its code
 WAIT_FOR_CHILD = "import os, sys; _, s = os.waitpid(int(sys.argv[1]), 0); sys.exit(os.waitstatus_to_exitcode(s))"
 
@@ -82,21 +79,6 @@ def peak_tflops(device_name: str) -> float | None:
         if key in device_name:
             return tflops
     return None
-
-
-def evaluation_command(candidate: str | Path, out_dir: str | Path, data_dir: str | Path, device: str) -> list[str]:
-    """The command that scores `out_dir`'s weights with `candidate`'s build_model() (scheduler/evaluate.py)."""
-    return [sys.executable, "-m", "scheduler.evaluate", str(candidate), str(out_dir),
-            "--data-dir", str(data_dir), "--device", device]
-
-
-def send_go(evaluation: subprocess.Popen) -> None:
-    """Tell a waiting evaluation to score; it may have died already (its output says why)."""
-    try:
-        evaluation.stdin.write(f"{GO}\n".encode())
-        evaluation.stdin.close()
-    except BrokenPipeError:
-        pass
 
 
 def attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:

@@ -15,10 +15,13 @@ import os
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:  # pyarrow's to_pandas() imports pandas when a frame is read: `submit` never pays its second
+    import pandas as pd
 
 STATUSES = ("ok", "crash", "oom", "timeout", "nan", "eval_failed", "rejected", "interrupted")
 KINDS = ("candidate", "confirm", "control")  # first run, extra seeds of a candidate, rerun of the baseline

@@ -24,15 +24,17 @@ import time
 from collections import deque
 from pathlib import Path
 
-from scheduler.evaluate import FAIL_TAG, RESULT_FILE
-from scheduler.harness import EXIT_NAN, PROGRESS_TAG, STATS_FILE, WEIGHTS_FILE, evaluation_command, send_go
 from scheduler.prepare import META_FILE
+from scheduler.protocol import (EXIT_NAN, FAIL_TAG, PROGRESS_TAG, RESULT_FILE, STATS_FILE, WEIGHTS_FILE,
+                                evaluation_command, send_go)
 
 LOG_HEAD_BYTES = 256_000     # the log keeps the first bytes of output ...
 LOG_TAIL_LINES = 400         # ... and the last lines; a flood in between is counted, not kept
 TAIL_KEPT = 20               # lines of output kept in the result row of a failed trial
 REPORT_EVERY = 2.0           # seconds between progress reports to Tune
 KILL_GRACE = 5.0             # seconds between SIGTERM and SIGKILL
+OVERRUN_GRACE = 10.0         # counted training seconds past the budget before a loop that ignores run.done() is
+                             # stopped: far more than one step overshoots, far less than the start-up allowance
 MARK = "SCHEDULER_TRIAL_MARK"  # environment marker: finds processes that left the trial's process group
 PASSED_ENV = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "LD_LIBRARY_PATH", "CUDA_HOME",
               "CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "VIRTUAL_ENV",
@@ -145,9 +147,10 @@ def start_process(cmd: list[str], cwd: Path, env: dict, waits_for_go: bool = Fal
 
 
 def await_process(proc: subprocess.Popen, limit: float, log: OutputLog, report, mark: str,
-                  spare: int | None = None) -> tuple[int, bool]:
-    """Follow a started process to its end or the limit; (exit code, timed out). Afterwards kill what it left,
-    in its group and by marker, except the process `spare`. `report` is called every REPORT_EVERY s."""
+                  spare: int | None = None, give_up=lambda: False) -> tuple[int, bool]:
+    """Follow a started process to its end, the limit or `give_up()`; (exit code, timed out). Afterwards kill
+    what it left, in its group and by marker, except the process `spare`. `report` and `give_up` are called
+    every REPORT_EVERY s."""
     log.follow(proc.stdout)
     deadline = time.monotonic() + limit
     timed_out = False
@@ -157,7 +160,7 @@ def await_process(proc: subprocess.Popen, limit: float, log: OutputLog, report, 
             break
         except subprocess.TimeoutExpired:
             report()
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or give_up():
                 timed_out = True
                 kill_group(proc)
                 break
@@ -186,6 +189,15 @@ def classify(code: int, timed_out: bool, lines: list[str], limit: float) -> tupl
     if code < 0:
         return "crash", f"killed by signal {-code}" + (f": {last}" if last else "")
     return "crash", last or f"exit code {code} with no output"
+
+
+def overrun(progress: dict, budget: float) -> str | None:
+    """Why a training that goes on past its budget is stopped, once its own progress shows it; else None."""
+    counted = progress.get("training_seconds")
+    if not isinstance(counted, (int, float)) or counted <= budget + OVERRUN_GRACE:
+        return None
+    return (f"stopped after {counted:.0f} s of counted training on a {budget:.0f} s budget: "
+            "the training loop must end when run.done() is true")
 
 
 def gpu_name(device: str) -> str:
@@ -308,11 +320,14 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
     # Started now so that its imports overlap training; it runs the candidate's code only after "go"
     evaluation = start_process([*eval_cmd, "--wait"], workdir, env, waits_for_go=True)
     training = start_process([sys.executable, "train.py"], workdir, env)
-    code, timed_out = await_process(training, limit, log, report_progress, env[MARK], spare=evaluation.pid)
+    code, timed_out = await_process(training, limit, log, report_progress, env[MARK], spare=evaluation.pid,
+                                    give_up=lambda: overrun(log.progress, config["budget"]))
     weights = out_dir / WEIGHTS_FILE
     if code != 0 or timed_out or not weights.exists():
         kill_group(evaluation)  # nothing to score
+        overran = overrun(log.progress, config["budget"]) if timed_out else None
         status, reason = classify(code, timed_out, log.last_lines(), limit)
+        reason = overran or reason
         if code == 0 and not timed_out:
             status, reason = "crash", "training finished without saving weights: call run.finish(model)"
     else:

@@ -17,7 +17,7 @@ from scheduler import results
 from scheduler.cli import build_parser
 from scheduler.launch import LOCAL_HOST, dashboard_lines
 from scheduler.selection import ACTOR_NAME
-from scheduler.trial import LOG_HEAD_BYTES, MARK, PASSED_ENV, candidate_env
+from scheduler.trial import LOG_HEAD_BYTES, MARK, OVERRUN_GRACE, PASSED_ENV, candidate_env, overrun
 
 from conftest import wait_for
 from test_scheduler import (corpus, make_root, scheduler, trial_processes, variant,  # noqa: F401  (corpus is a fixture)
@@ -48,20 +48,21 @@ def test_hostile_candidates(tmp_path, corpus):  # noqa: F811
     cases = {
         "build_raises": variant().replace('    """LongTensor[B, T] -> logits[B, T, 256]. The evaluation calls this too."""',
                                           '    """Raises."""\n    raise ValueError("no model today")'),
-        "loop_before": with_main("while True:\n    pass"),
+        # hangs before training and ignores SIGTERM: only the hard limit and the SIGKILL after it end it
+        "hangs_ignoring_sigterm": with_main("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                                            "while True:\n    time.sleep(0.1)"),
         "loop_inside": with_main("import torch\nfrom scheduler import harness\nrun = harness.Run()\n"
                                  "while True:\n    run.step(torch.tensor(1.0), tokens=1)"),
-        "ignores_sigterm": with_main("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                                     "while True:\n    time.sleep(0.1)"),
-        "leaves_children": with_main(f"import subprocess\nsubprocess.Popen(['sleep', '{SLEEPER}'], start_new_session=True)\n"
-                                     f"subprocess.Popen(['sleep', '{SLEEPER}'])\n{TRAIN}"),
-        "floods_output": with_main(f"import sys\nfor i in range(300_000):\n    print('flood', i)\n{TRAIN}"),
+        # untidy but working: shows its environment, leaves children behind, floods its output, then trains
+        "untidy": with_main(f"import json, os, subprocess\nprint('ENV', json.dumps(dict(os.environ)))\n"
+                            f"subprocess.Popen(['sleep', '{SLEEPER}'], start_new_session=True)\n"
+                            f"subprocess.Popen(['sleep', '{SLEEPER}'])\n"
+                            f"for i in range(300_000):\n    print('flood', i)\n{TRAIN}"),
         "wrong_shape": with_main("import torch\nfrom scheduler import harness\nrun = harness.Run()\n"
                                  "model = torch.nn.Embedding(256, 10)\nrun.finish(model)").replace(
                                      "def build_model() -> torch.nn.Module:",
                                      "def build_model() -> torch.nn.Module:\n    return torch.nn.Embedding(256, 10)\n\n\n"
                                      "def unused_build_model() -> torch.nn.Module:"),
-        "prints_env": with_main(f"import json, os\nprint('ENV', json.dumps(dict(os.environ)))\n{TRAIN}"),
     }
     ids = {}
     for name, text in cases.items():
@@ -79,9 +80,10 @@ def test_hostile_candidates(tmp_path, corpus):  # noqa: F811
     for t in threads:
         t.join()
 
-    # the allowance must hold a tiny trial's start with three trials and their evaluations sharing 2 cores
+    # the allowance must hold a tiny trial's start with three trials and their evaluations sharing 2 cores:
+    # about 20 s on the 2-core CI box
     done = scheduler(root, "launch", "--pretend-gpus", "3", "--device", "cpu", "--budget", "2", "--no-dashboard",
-                     "--exit-when-idle", "--promotion", "greedy", "--startup-allowance", "60",
+                     "--exit-when-idle", "--promotion", "greedy", "--startup-allowance", "40",
                      "--min-baseline-runs", "1")  # no control runs beyond the first: they test nothing here
     assert done.returncode == 0, done.stderr[-3000:]
     rows = results.read_trials(root / "results")
@@ -89,19 +91,16 @@ def test_hostile_candidates(tmp_path, corpus):  # noqa: F811
     status = {ids[c]: s for c, s in zip(first["candidate_id"], first["status"]) if c in ids}
     reason = {ids[c]: r for c, r in zip(first["candidate_id"], first["reason"]) if c in ids}
     assert status["build_raises"] == "crash" and "no model today" in reason["build_raises"]
-    assert status["loop_before"] == status["loop_inside"] == status["ignores_sigterm"] == "timeout"
-    assert status["leaves_children"] == "ok"
-    assert subprocess.run(["pgrep", "-f", f"sleep {SLEEPER}"], capture_output=True).stdout == b""
-    assert status["floods_output"] == "ok"
-    flood_log = next((root / "results" / "runs").glob("*/log.txt"), None)
-    logs = {p.parent.name: p.stat().st_size for p in (root / "results" / "runs").glob("*/log.txt")}
-    assert flood_log is not None and max(logs.values()) < LOG_HEAD_BYTES + 100_000
-    assert status["wrong_shape"] == "eval_failed" and "expected logits" in reason["wrong_shape"]
-    assert status["prints_env"] == "ok"
-    env_trial = next(c for c in ids if ids[c] == "prints_env")
-    env_line = next(l for l in (root / "results" / "runs" / f"{env_trial}-r1" / "log.txt").read_text().splitlines()
-                    if l.startswith("ENV "))
+    assert status["hangs_ignoring_sigterm"] == status["loop_inside"] == "timeout"
+    assert "hard limit" in reason["hangs_ignoring_sigterm"]
+    assert "must end when run.done() is true" in reason["loop_inside"]  # stopped by its own progress, not the limit
+    assert status["untidy"] == "ok", reason["untidy"]
+    assert subprocess.run(["pgrep", "-f", f"sleep {SLEEPER}"], capture_output=True).stdout == b""  # children gone
+    untidy_log = (root / "results" / "runs" / f"{next(c for c in ids if ids[c] == 'untidy')}-r1" / "log.txt").read_text()
+    assert "lines dropped (log capped)" in untidy_log and len(untidy_log) < LOG_HEAD_BYTES + 100_000
+    env_line = next(line for line in untidy_log.splitlines() if line.startswith("ENV "))
     assert "val.bin" not in env_line and "test.bin" not in env_line and "train.bin" in env_line
+    assert status["wrong_shape"] == "eval_failed" and "expected logits" in reason["wrong_shape"]
 
     rejected = " ".join(first[first["status"] == "rejected"]["reason"])
     assert "over the size limit" in rejected and "unsafe file name 'a..b.py'" in rejected
@@ -200,6 +199,14 @@ def test_candidate_environment_is_an_allowlist(tmp_path, monkeypatch):
     assert set(env) <= set(PASSED_ENV) | TRIAL_ENV
     assert "do-not-pass" not in env.values() and "RAY_ADDRESS" not in env
     assert not [value for value in env.values() if "val.bin" in value or "test.bin" in value]
+
+
+def test_a_training_is_stopped_only_well_past_its_budget():
+    assert overrun({}, 300.0) is None                                    # no progress printed yet
+    assert overrun({"training_seconds": 300.0 + OVERRUN_GRACE}, 300.0) is None  # the last step may overshoot
+    reason = overrun({"training_seconds": 311.0 + OVERRUN_GRACE}, 300.0)
+    assert reason.startswith(f"stopped after {311 + OVERRUN_GRACE:.0f} s of counted training on a 300 s budget")
+    assert overrun({"training_seconds": "soon"}, 300.0) is None           # a line the candidate printed itself
 
 
 def test_dashboard_stays_local_unless_told_and_says_how_to_get_the_token():
