@@ -1,6 +1,6 @@
 """The scoring half of the harness: bits per character of saved weights on a whole split.
 
-    python -m scheduler.evaluate CANDIDATE.py OUT_DIR [--data-dir data] [--split val] [--device cuda] [--wait]
+    python -m scheduler.evaluate CANDIDATE.py OUT_DIR [--data-dir data] [--split val [test]] [--device cuda] [--wait]
 
 Runs in a fresh process that the candidate's training code never ran in: it
 imports the candidate as a module (so its `if __name__ == "__main__":` block
@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("candidate", type=Path, help="the candidate's train.py")
     parser.add_argument("out_dir", type=Path, help="folder with model.pt and train_stats.json")
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
-    parser.add_argument("--split", choices=("val", "test"), default="val")
+    parser.add_argument("--split", choices=("val", "test"), nargs="+", default=["val"],
+                        help="splits to score, in order; each score is added to the result file as it is made")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--started", type=float, default=None, help="wall-clock start of the whole run (for total_seconds)")
     parser.add_argument("--wait", action="store_true", help=f"import the libraries and load the split, then wait for '{GO}' on stdin")
@@ -212,33 +213,34 @@ def main(argv: list[str] | None = None) -> int:
                 importlib.import_module(name)
             except ImportError:
                 pass  # a candidate that needs it fails in load_candidate, with its own message
-    split_file = args.data_dir / f"{args.split}.bin"
-    data = load_split(split_file, device) if split_file.exists() else None
+    files = {split: args.data_dir / f"{split}.bin" for split in args.split}
+    data = {split: load_split(file, device) for split, file in files.items() if file.exists()}
     if args.wait and sys.stdin.readline().strip() != GO:
         return 0
 
     result_path = args.out_dir / RESULT_FILE  # a test-split score is added to an existing result
-    stats_path = result_path if result_path.exists() else args.out_dir / STATS_FILE
-    result = json.loads(stats_path.read_text()) if stats_path.exists() else {}
-    try:
-        if data is None:
-            raise EvalError(f"no {args.split} split at {split_file}; run `python -m scheduler prepare` first")
-        scored = evaluate(args.candidate.resolve(), args.out_dir / WEIGHTS_FILE, data, device)
-    except EvalError as error:
-        print(FAIL_TAG + str(error), flush=True)
-        return 1
-    except Exception as error:  # the candidate's own code failed while scoring: say what, keep the traceback short
-        print(FAIL_TAG + f"{type(error).__name__}: {error}".splitlines()[0][:500], flush=True)
-        return 1
-    if args.split == "val":
-        result.update({"val_bpc": round(scored["bpc"], 6), "eval_seconds": scored["eval_seconds"],
-                       "score_seconds": scored["score_seconds"], "bytes_scored": scored["bytes_scored"]})
-    else:  # an addition to the validation result: its timings stay those of the validation scoring
-        result.update({"test_bpc": round(scored["bpc"], 6), "test_eval_seconds": scored["eval_seconds"]})
-    if args.started is not None:
-        result["total_seconds"] = round(time.time() - args.started, 1)
-    result_path.write_text(json.dumps(result, indent=2))
-    print(format_summary(result, args.split), flush=True)
+    for split in args.split:
+        stats_path = result_path if result_path.exists() else args.out_dir / STATS_FILE
+        result = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+        try:
+            if split not in data:
+                raise EvalError(f"no {split} split at {files[split]}; run `python -m scheduler prepare` first")
+            scored = evaluate(args.candidate.resolve(), args.out_dir / WEIGHTS_FILE, data[split], device)
+        except EvalError as error:
+            print(FAIL_TAG + str(error), flush=True)
+            return 1
+        except Exception as error:  # the candidate's own code failed while scoring: say what, keep the traceback short
+            print(FAIL_TAG + f"{type(error).__name__}: {error}".splitlines()[0][:500], flush=True)
+            return 1
+        if split == "val":
+            result.update({"val_bpc": round(scored["bpc"], 6), "eval_seconds": scored["eval_seconds"],
+                           "score_seconds": scored["score_seconds"], "bytes_scored": scored["bytes_scored"]})
+        else:  # an addition to the validation result: its timings stay those of the validation scoring
+            result.update({"test_bpc": round(scored["bpc"], 6), "test_eval_seconds": scored["eval_seconds"]})
+        if args.started is not None:
+            result["total_seconds"] = round(time.time() - args.started, 1)
+        result_path.write_text(json.dumps(result, indent=2))
+        print(format_summary(result, split), flush=True)
     return 0
 
 

@@ -170,11 +170,6 @@ def await_process(proc: subprocess.Popen, limit: float, log: OutputLog, report, 
     return proc.returncode, timed_out
 
 
-def run_process(cmd: list[str], cwd: Path, env: dict, limit: float, log: OutputLog, report) -> tuple[int, bool]:
-    """Run `cmd` as its own process group; (exit code, timed out). `report` is called every REPORT_EVERY s."""
-    return await_process(start_process(cmd, cwd, env), limit, log, report, env[MARK])
-
-
 def classify(code: int, timed_out: bool, lines: list[str], limit: float) -> tuple[str, str]:
     """(status, one-line reason) of a training process that did not finish cleanly."""
     text = "\n".join(lines)
@@ -284,15 +279,6 @@ def eval_failure(lines: list[str]) -> str | None:
     return next((line[len(FAIL_TAG):] for line in reversed(lines) if line.startswith(FAIL_TAG)), None)
 
 
-def score_test_split(eval_cmd: list[str], workdir: Path, env: dict, limit: float, log: OutputLog) -> str:
-    """Add the test-split score to the result file; '' when it worked, else why not (the val score stands)."""
-    code, timed_out = run_process([*eval_cmd, "--split", "test"], workdir, env, limit, log, lambda: None)
-    if code == 0 and not timed_out:
-        return ""
-    reason = eval_failure(log.last_lines()) or classify(code, timed_out, log.last_lines(), limit)[1]
-    return f"test split not scored: {reason}"
-
-
 def run_trial(config: dict, shipped: list | None = None) -> None:
     """Ray Tune function trainable: train, score, and report the result row."""
     from ray import tune
@@ -316,7 +302,8 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
                          "gpu": row["gpu_id"]})
 
     limit = config["budget"] + config["startup_allowance"]
-    eval_cmd = evaluation_command("train.py", out_dir, config["data_dir"], config["device"])
+    splits = ["val", "test"] if config.get("score_test") else ["val"]  # test: a new baseline's first control run
+    eval_cmd = [*evaluation_command("train.py", out_dir, config["data_dir"], config["device"]), "--split", *splits]
     # Started now so that its imports overlap training; it runs the candidate's code only after "go"
     evaluation = start_process([*eval_cmd, "--wait"], workdir, env, waits_for_go=True)
     training = start_process([sys.executable, "train.py"], workdir, env)
@@ -336,15 +323,17 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
         result_file.unlink(missing_ok=True)  # the score comes from the evaluation, never from the candidate
         send_go(evaluation)
         code, timed_out = await_process(evaluation, config["eval_timeout"], log, lambda: None, env[MARK])
-        if code == 0 and not timed_out and result_file.exists():
+        lines = log.last_lines()
+        cause, why = classify(code, timed_out, lines, config["eval_timeout"])
+        scored = result_file.exists()  # written as soon as the validation split is scored
+        if scored and code == 0 and not timed_out:
             status, reason = "ok", ""
-            if config.get("score_test"):
-                reason = score_test_split(eval_cmd, workdir, env, config["eval_timeout"], log)
+        elif scored and len(splits) > 1:  # the test split failed after it: the validation score stands
+            status, reason = "ok", f"test split not scored: {eval_failure(lines) or why}"
+        elif cause == "oom":
+            status, reason = "oom", why
         else:
-            lines = log.last_lines()
-            failed = eval_failure(lines)
-            status, reason = classify(code, timed_out, lines, config["eval_timeout"])
-            status, reason = ("oom", reason) if status == "oom" else ("eval_failed", failed or reason)
+            status, reason = "eval_failed", eval_failure(lines) or why
 
     stats = {}
     for name in (RESULT_FILE, STATS_FILE):

@@ -186,6 +186,18 @@ def test_trial_saves_only_and_evaluation_is_deterministic(tmp_path, tiny_train, 
     assert scores[0] == pytest.approx(scores[1], abs=1e-6)
     assert scores[0] == scores[1]  # CPU: bit-identical
 
+    # A new baseline's control run scores val, then test, in one process; a test split that fails leaves
+    # the validation score standing (here the folder has no test split)
+    no_test = tmp_path / "no_test"
+    no_test.mkdir()
+    (no_test / "val.bin").write_bytes((data_dir / "val.bin").read_bytes())
+    (out / evaluate.RESULT_FILE).unlink()
+    proc = run_python(["-m", "scheduler.evaluate", "train.py", str(out), "--data-dir", str(no_test),
+                       "--device", "cpu", "--split", "val", "test"], cwd=tmp_path, env=clean_env(), timeout=60)
+    assert proc.returncode == 1 and f"{evaluate.FAIL_TAG}no test split at" in proc.stdout, proc.stdout
+    result = json.loads((out / evaluate.RESULT_FILE).read_text())
+    assert result["val_bpc"] == scores[0] and "test_bpc" not in result
+
 
 # ---------------------------------------------------------------------------- 3: score
 
