@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-if TYPE_CHECKING:  # pyarrow's to_pandas() imports pandas when a frame is read: `submit` never pays its second
+if TYPE_CHECKING:  # pyarrow's to_pandas() imports pandas when a frame is read; `submit` never spends 0.7 s on it
     import pandas as pd
 
 STATUSES = ("ok", "crash", "oom", "timeout", "nan", "eval_failed", "rejected", "interrupted")

@@ -5,7 +5,8 @@ travels in the config (no shared file system needed); the trial writes it to
 its own working folder, starts `python train.py` there as its own process
 group with the budget, seed and data location in the environment, streams the
 harness's progress lines to Tune (the dashboard and `status` show them), keeps
-the output in a size-capped log, and kills the whole group at a hard limit.
+the output in a size-capped log, and kills the whole group at a hard limit, or
+sooner when its progress shows it training well past its budget.
 Then `python -m scheduler.evaluate` scores the saved weights; it is started
 with training and waits, its library imports done, until training has ended.
 The last report carries the trial's result row (see scheduler/results.py).

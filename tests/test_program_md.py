@@ -272,9 +272,10 @@ def test_program_md_runs_as_written(research_root, launch):
 # One idea per iteration, different for each agent (identical files would be rejected). These
 # learning rates are far too low for 2 s of training: the candidates score clearly worse than
 # the baseline, so the promotion rule queues no confirmation reruns that would slow the test.
+# Alpha goes round the loop twice; beta once, then submits a copy of alpha's first file.
 AGENT_EDITS = {
     "alpha": [{"LEARNING_RATE": 1e-5, "MUON_LEARNING_RATE": 1e-5}, {"LEARNING_RATE": 2e-5, "MUON_LEARNING_RATE": 2e-5}],
-    "beta": [{"LEARNING_RATE": 3e-5, "MUON_LEARNING_RATE": 3e-5}, {"LEARNING_RATE": 4e-5, "MUON_LEARNING_RATE": 4e-5}],
+    "beta": [{"LEARNING_RATE": 3e-5, "MUON_LEARNING_RATE": 3e-5}],
 }
 
 

@@ -62,8 +62,7 @@ def with_main(body: str) -> str:
 def test_launch_runs_every_candidate_once(tmp_path, corpus):
     root = make_root(tmp_path, corpus)
     sources = {
-        "a1": [variant(LEARNING_RATE=3e-3), variant(LEARNING_RATE=5e-3),
-               with_main("raise RuntimeError('deliberate crash')")],
+        "a1": [variant(LEARNING_RATE=3e-3), with_main("raise RuntimeError('deliberate crash')")],
         "a2": [variant(MUON_LEARNING_RATE=3e-3),
                with_main("import torch\nraise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2 GiB')"),
                with_main("import torch\nfrom scheduler import harness\nrun = harness.Run()\n"
@@ -86,13 +85,12 @@ def test_launch_runs_every_candidate_once(tmp_path, corpus):
 
     frame = results.read_trials(root / "results")
     first_runs = frame[frame["kind"] == "candidate"]
-    assert len(first_runs) == 10, first_runs[["candidate_id", "status", "reason"]]
+    assert len(first_runs) == 9, first_runs[["candidate_id", "status", "reason"]]
     assert first_runs["candidate_id"].is_unique
     by_id = first_runs.set_index("candidate_id")
     statuses = {ids[c]: by_id.loc[c, "status"] for c in ids}
-    assert statuses == {("a1", 0): "ok", ("a1", 1): "ok", ("a1", 2): "crash",
-                        ("a2", 0): "ok", ("a2", 1): "oom", ("a2", 2): "nan"}
-    crash = by_id.loc[[c for c in ids if ids[c] == ("a1", 2)][0]]
+    assert statuses == {("a1", 0): "ok", ("a1", 1): "crash", ("a2", 0): "ok", ("a2", 1): "oom", ("a2", 2): "nan"}
+    crash = by_id.loc[[c for c in ids if ids[c] == ("a1", 1)][0]]
     assert "deliberate crash" in crash["reason"] and "RuntimeError" in crash["error_tail"]
     rejected = first_runs[first_runs["status"] == "rejected"]
     reasons = " ".join(rejected["reason"])
