@@ -148,9 +148,8 @@ def load_split(split_file: Path, device: torch.device) -> torch.Tensor:
     return data
 
 
-def evaluate(candidate: Path, weights: Path, data: torch.Tensor, device: torch.device) -> dict:
-    """Build the candidate's model, load its weights, and score the split `data`."""
-    started = time.time()
+def load_model(candidate: Path, weights: Path, device: torch.device) -> torch.nn.Module:
+    """The candidate's model with its saved weights, on the device, in eval mode."""
     module = load_candidate(candidate)
     try:
         with device:  # initialised where it runs: on a GPU, faster than on the CPU and a copy
@@ -163,12 +162,7 @@ def evaluate(candidate: Path, weights: Path, data: torch.Tensor, device: torch.d
     except RuntimeError as error:
         detail = "; ".join(line.strip() for line in str(error).strip().splitlines()[:3])
         raise EvalError(f"saved weights do not fit build_model()'s module: {detail}") from error
-    model = model.to(device).eval()
-    check_causal(model, data, device)
-    t0 = time.time()
-    bpc, n = score(model, data, device)
-    return {"bpc": bpc, "bytes_scored": n, "score_seconds": round(time.time() - t0, 3),
-            "eval_seconds": round(time.time() - started, 3)}
+    return model.to(device).eval()
 
 
 def format_summary(result: dict, split: str = "val") -> str:
@@ -219,28 +213,33 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     result_path = args.out_dir / RESULT_FILE  # a test-split score is added to an existing result
-    for split in args.split:
-        stats_path = result_path if result_path.exists() else args.out_dir / STATS_FILE
-        result = json.loads(stats_path.read_text()) if stats_path.exists() else {}
-        try:
+    stats_path = result_path if result_path.exists() else args.out_dir / STATS_FILE
+    result = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+    started, model = time.time(), None
+    try:
+        for split in args.split:  # each score is written as soon as it is made: a later failure leaves it standing
             if split not in data:
                 raise EvalError(f"no {split} split at {files[split]}; run `python -m scheduler prepare` first")
-            scored = evaluate(args.candidate.resolve(), args.out_dir / WEIGHTS_FILE, data[split], device)
-        except EvalError as error:
-            print(FAIL_TAG + str(error), flush=True)
-            return 1
-        except Exception as error:  # the candidate's own code failed while scoring: say what, keep the traceback short
-            print(FAIL_TAG + f"{type(error).__name__}: {error}".splitlines()[0][:500], flush=True)
-            return 1
-        if split == "val":
-            result.update({"val_bpc": round(scored["bpc"], 6), "eval_seconds": scored["eval_seconds"],
-                           "score_seconds": scored["score_seconds"], "bytes_scored": scored["bytes_scored"]})
-        else:  # an addition to the validation result: its timings stay those of the validation scoring
-            result.update({"test_bpc": round(scored["bpc"], 6), "test_eval_seconds": scored["eval_seconds"]})
-        if args.started is not None:
-            result["total_seconds"] = round(time.time() - args.started, 1)
-        result_path.write_text(json.dumps(result, indent=2))
-        print(format_summary(result, split), flush=True)
+            if model is None:  # built, loaded and checked once for all splits
+                model = load_model(args.candidate.resolve(), args.out_dir / WEIGHTS_FILE, device)
+                check_causal(model, data[split], device)
+            scoring = time.time()
+            bpc, n = score(model, data[split], device)
+            if split == "val":
+                result.update({"val_bpc": round(bpc, 6), "eval_seconds": round(time.time() - started, 3),
+                               "score_seconds": round(time.time() - scoring, 3), "bytes_scored": n})
+            else:  # an addition to the validation result: its timings stay those of the validation scoring
+                result.update({"test_bpc": round(bpc, 6), "test_eval_seconds": round(time.time() - scoring, 3)})
+            if args.started is not None:
+                result["total_seconds"] = round(time.time() - args.started, 1)
+            result_path.write_text(json.dumps(result, indent=2))
+            print(format_summary(result, split), flush=True)
+    except EvalError as error:
+        print(FAIL_TAG + str(error), flush=True)
+        return 1
+    except Exception as error:  # the candidate's own code failed while scoring: say what, keep the traceback short
+        print(FAIL_TAG + f"{type(error).__name__}: {error}".splitlines()[0][:500], flush=True)
+        return 1
     return 0
 
 
