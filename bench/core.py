@@ -32,7 +32,8 @@ from scheduler.protocol import evaluation_command  # noqa: E402
 
 # The single-GPU script this project started from (TimS-ml/autoresearch-x-transformers), in our harness.
 ORIGINAL_MODEL = ("MODEL_DIM=512 MODEL_DEPTH=6 MODEL_HEADS=8 DROPOUT=0.0 SHIFT_TOKENS=0 VALUE_RESIDUAL=False "
-                  "LEARNING_RATE=1e-4 MUON_LEARNING_RATE=1e-4 GRAD_CLIP=0.5 WARMUP_RATIO=0.05 WARMDOWN_RATIO=0.3")
+                  "LEARNING_RATE=1e-4 MUON_LEARNING_RATE=1e-4 WEIGHT_DECAY=0.0 GRAD_CLIP=0.5 "
+                  "WARMUP_RATIO=0.05 WARMDOWN_RATIO=0.3")
 BUILTIN = {
     "default": "",
     "original": f"{ORIGINAL_MODEL} BATCH_SIZE=4 GRADIENT_ACCUMULATE_EVERY=4",
