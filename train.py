@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
+import einops
 import torch
 import torch.nn.functional as F
 from adam_atan2_pytorch import MuonAdamAtan2
@@ -241,6 +242,19 @@ def to_float8(model: torch.nn.Module) -> None:
 # ---------------------------------------------------------------------------
 
 
+def trace_einops_whole() -> None:
+    """Let torch.compile put x-transformers' einops calls into the graph whole instead of stepping through them.
+
+    Dynamo (torch >= 2.8, einops 0.8) steps through einops' Python at every call, its pattern parsing included:
+    the parsing's cache does not apply while tracing. That was 80% of the bytecode Dynamo stepped through for
+    the default model: its tracing took 22.7 s on a 2-core CPU, 5.4 s with this. Whole, each call is traced by AOT autograd in plain
+    Python, where the cache works; the compiled graph is the same. (einops' own `allow_ops_in_compiled_graph`
+    does nothing on torch >= 2.8.)
+    """
+    for op in (einops.rearrange, einops.repeat, einops.reduce, einops.einsum, einops.pack, einops.unpack):
+        torch.compiler.allow_in_graph(op)
+
+
 def compile_blocks(model: torch.nn.Module) -> None:
     """Compile x-transformers' blocks one by one; the code between them (the layer loop) stays eager."""
     for norms, block, residual in model.attn_layers.layers:
@@ -290,6 +304,7 @@ def main() -> None:
         return F.cross_entropy(logits.float().view(-1, VOCAB_SIZE), batch[:, 1:].reshape(-1))
 
     if USE_COMPILE and device.type == "cuda":
+        trace_einops_whole()
         if COMPILE_BLOCKS:
             compile_blocks(model)
         else:

@@ -102,6 +102,8 @@ def main() -> None:
     batch_size, seq_len, vocab = train.BATCH_SIZE, train.MAX_SEQ_LEN, train.VOCAB_SIZE
     micro_batches = train.GRADIENT_ACCUMULATE_EVERY
 
+    train.trace_einops_whole()
+
     @torch.compile(options=train.INDUCTOR_OPTIONS)
     def loss_of(batch: torch.Tensor) -> torch.Tensor:
         logits = model(batch[:, :-1])

@@ -635,3 +635,25 @@ def test_batched_optimizer_refuses_options_it_does_not_implement():
     model = torch.nn.Linear(4, 4)
     with pytest.raises(ValueError, match="use adam_atan2_pytorch.MuonAdamAtan2 with CUDA_GRAPHS = False"):
         train.BatchedMuonAdamAtan2(muon_params=[model.weight], params=model.parameters(), cautious_factor=0.5)
+
+
+def test_einops_calls_enter_the_compiled_graph_whole():
+    """train.trace_einops_whole keeps Dynamo out of einops' pattern parsing; the compiled model computes the same."""
+    import einops
+
+    train = load_train_module()
+    train.MODEL_DIM, train.MODEL_DEPTH, train.MODEL_HEADS = 32, 1, 2
+    model = train.build_model().eval()
+    batch = torch.randint(0, 256, (2, 16))
+    called = []
+
+    def capture(graph_module: torch.fx.GraphModule, example_inputs: list) -> object:
+        called.extend(node.target for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    train.trace_einops_whole()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(model, backend=capture)(batch)
+        torch.testing.assert_close(compiled, model(batch))
+    assert einops.rearrange in called
