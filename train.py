@@ -245,11 +245,11 @@ def to_float8(model: torch.nn.Module) -> None:
 def trace_einops_whole() -> None:
     """Let torch.compile put x-transformers' einops calls into the graph whole instead of stepping through them.
 
-    Dynamo (torch >= 2.8, einops 0.8) steps through einops' Python at every call, its pattern parsing included:
-    the parsing's cache does not apply while tracing. That was 80% of the bytecode Dynamo stepped through for
-    the default model: its tracing took 22.7 s on a 2-core CPU, 5.4 s with this. Whole, each call is traced by AOT autograd in plain
-    Python, where the cache works; the compiled graph is the same. (einops' own `allow_ops_in_compiled_graph`
-    does nothing on torch >= 2.8.)
+    Dynamo (torch >= 2.8, einops 0.8.2) steps through einops' Python at every call, its pattern parsing
+    included: the parsing's cache does not apply while tracing. That was 80% of the bytecode Dynamo stepped
+    through for the default model: its tracing took 22.7 s on a 2-core CPU, 5.4 s with this. Whole, each call
+    is traced by AOT autograd in plain Python, where the cache works; the compiled graph is the same. (einops
+    0.8.1 and older did this on import; 0.8.2's `allow_ops_in_compiled_graph` does nothing on torch >= 2.8.)
     """
     for op in (einops.rearrange, einops.repeat, einops.reduce, einops.einsum, einops.pack, einops.unpack):
         torch.compiler.allow_in_graph(op)
