@@ -313,9 +313,9 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
     weights = out_dir / WEIGHTS_FILE
     if code != 0 or timed_out or not weights.exists():
         kill_group(evaluation)  # nothing to score
-        overran = overrun(log.progress, config["budget"]) if timed_out else None
         status, reason = classify(code, timed_out, log.last_lines(), limit)
-        reason = overran or reason
+        if timed_out:  # stopped by give_up, or at the hard limit: the overrun, when there was one, is the reason
+            reason = overrun(log.progress, config["budget"]) or reason
         if code == 0 and not timed_out:
             status, reason = "crash", "training finished without saving weights: call run.finish(model)"
     else:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from scheduler import evaluate, harness
+from scheduler import evaluate, harness, protocol
 from scheduler.constants import override
 
 SUMMARY_KEYS = (
@@ -99,7 +99,7 @@ def test_train_py_trains_and_is_scored(tmp_path, tiny_train, data_dir):
     assert printed["precision"] == "fp32" and printed["depth"] == "2"
     assert printed["total_seconds"] != "n/a"  # the hand-over passes the run's start
 
-    result = json.loads((out / evaluate.RESULT_FILE).read_text())
+    result = json.loads((out / protocol.RESULT_FILE).read_text())
     assert math.isfinite(result["val_bpc"]) and result["val_bpc"] > 0
     if result["num_steps"] >= 20:  # ~60 on an idle 2-core machine; an untrained model scores ~8.1
         assert result["val_bpc"] < 8.0, proc.stdout
@@ -110,7 +110,7 @@ def test_train_py_trains_and_is_scored(tmp_path, tiny_train, data_dir):
     assert result["total_tokens"] == result["num_steps"] * 4 * 256
     assert result["bytes_scored"] == (data_dir / "val.bin").stat().st_size - 1
     assert result["total_seconds"] >= result["training_seconds"]
-    assert (out / harness.WEIGHTS_FILE).is_file()
+    assert (out / protocol.WEIGHTS_FILE).is_file()
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -143,7 +143,7 @@ def test_standalone_run_exits_with_the_evaluations_code(tmp_path, tiny_train, da
     proc = run_python(["train.py"], cwd=tmp_path, env=env, timeout=90)
     assert proc.returncode == 1, proc.stdout
     assert "EVAL_FAILED: build_model() raised RuntimeError: this model exists only while training" in proc.stdout
-    assert (tmp_path / "out" / harness.WEIGHTS_FILE).is_file()
+    assert (tmp_path / "out" / protocol.WEIGHTS_FILE).is_file()
 
 
 def test_standalone_run_that_crashes_leaves_no_evaluation_behind(tmp_path, tiny_train, data_dir):
@@ -169,8 +169,8 @@ def test_trial_saves_only_and_evaluation_is_deterministic(tmp_path, tiny_train, 
     proc = run_python(["train.py"], cwd=tmp_path, env=env, timeout=90)
     assert proc.returncode == 0, proc.stdout
     assert "val_bpc" not in proc.stdout and "---" not in proc.stdout.splitlines()
-    assert sorted(p.name for p in out.iterdir()) == sorted([harness.WEIGHTS_FILE, harness.STATS_FILE])
-    stats = json.loads((out / harness.STATS_FILE).read_text())
+    assert sorted(p.name for p in out.iterdir()) == sorted([protocol.WEIGHTS_FILE, protocol.STATS_FILE])
+    stats = json.loads((out / protocol.STATS_FILE).read_text())
     assert stats["precision"] == "fp32" and stats["training_seconds"] >= 1.0
 
     scores = []
@@ -179,7 +179,7 @@ def test_trial_saves_only_and_evaluation_is_deterministic(tmp_path, tiny_train, 
                            "--device", "cpu"], cwd=tmp_path, env=clean_env(), timeout=60)
         assert proc.returncode == 0, proc.stdout
         assert [key for key, _ in summary_block(proc.stdout)] == list(SUMMARY_KEYS)
-        result = json.loads((out / evaluate.RESULT_FILE).read_text())
+        result = json.loads((out / protocol.RESULT_FILE).read_text())
         assert result["num_steps"] == stats["num_steps"]  # the training statistics are carried over
         scores.append(result["val_bpc"])
     assert math.isfinite(scores[0]) and scores[0] > 0
@@ -191,11 +191,11 @@ def test_trial_saves_only_and_evaluation_is_deterministic(tmp_path, tiny_train, 
     no_test = tmp_path / "no_test"
     no_test.mkdir()
     (no_test / "val.bin").write_bytes((data_dir / "val.bin").read_bytes())
-    (out / evaluate.RESULT_FILE).unlink()
+    (out / protocol.RESULT_FILE).unlink()
     proc = run_python(["-m", "scheduler.evaluate", "train.py", str(out), "--data-dir", str(no_test),
                        "--device", "cpu", "--split", "val", "test"], cwd=tmp_path, env=clean_env(), timeout=60)
-    assert proc.returncode == 1 and f"{evaluate.FAIL_TAG}no test split at" in proc.stdout, proc.stdout
-    result = json.loads((out / evaluate.RESULT_FILE).read_text())
+    assert proc.returncode == 1 and f"{protocol.FAIL_TAG}no test split at" in proc.stdout, proc.stdout
+    result = json.loads((out / protocol.RESULT_FILE).read_text())
     assert result["val_bpc"] == scores[0] and "test_bpc" not in result
 
 
@@ -295,7 +295,7 @@ def write_candidate(folder: Path, dim: int = 256, builder: str = "build_model") 
 def save_weights(out: Path, dim: int) -> None:
     """Weights of the candidate with DIM = dim: Model().state_dict() is {"emb.weight": [256, DIM]}."""
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"emb.weight": torch.randn(256, dim)}, out / harness.WEIGHTS_FILE)
+    torch.save({"emb.weight": torch.randn(256, dim)}, out / protocol.WEIGHTS_FILE)
 
 
 def run_main(capsys, candidate: Path, out: Path, data_dir: Path) -> tuple[int, list[str]]:
@@ -308,7 +308,7 @@ def test_eval_of_a_good_candidate(tmp_path, data_dir, capsys):
     save_weights(tmp_path / "out", dim=256)
     code, lines = run_main(capsys, candidate, tmp_path / "out", data_dir)
     assert code == 0, lines
-    result = json.loads((tmp_path / "out" / evaluate.RESULT_FILE).read_text())
+    result = json.loads((tmp_path / "out" / protocol.RESULT_FILE).read_text())
     assert math.isfinite(result["val_bpc"]) and result["val_bpc"] > 0
     assert result["bytes_scored"] == (data_dir / "val.bin").stat().st_size - 1
     assert lines[-1].startswith("precision:")  # no train_stats.json: the block still prints, with n/a
@@ -330,7 +330,7 @@ def test_waiting_evaluation_runs_the_candidate_only_after_go(tmp_path, data_dir,
     output, _ = proc.communicate(evaluate.GO + "\n" if go else "", timeout=60)
     assert proc.returncode == 0, output
     assert imported.exists() == go
-    assert (tmp_path / "out" / evaluate.RESULT_FILE).exists() == go
+    assert (tmp_path / "out" / protocol.RESULT_FILE).exists() == go
 
 
 def test_eval_wrong_output_shape_cli(tmp_path, data_dir):
@@ -340,10 +340,10 @@ def test_eval_wrong_output_shape_cli(tmp_path, data_dir):
                        str(data_dir), "--device", "cpu"], cwd=tmp_path, env=clean_env(), timeout=60)
     assert proc.returncode == 1, proc.stdout
     last = proc.stdout.splitlines()[-1]
-    assert last.startswith(evaluate.FAIL_TAG), proc.stdout
+    assert last.startswith(protocol.FAIL_TAG), proc.stdout
     windows = evaluate.batch_rows(-(-((data_dir / "val.bin").stat().st_size - 1) // W))
     assert f"({windows}, {W}, 128)" in last and f"({windows}, {W}, 256)" in last
-    assert not (tmp_path / "out" / evaluate.RESULT_FILE).exists()
+    assert not (tmp_path / "out" / protocol.RESULT_FILE).exists()
 
 
 def test_eval_missing_build_model(tmp_path, data_dir, capsys):
@@ -351,8 +351,8 @@ def test_eval_missing_build_model(tmp_path, data_dir, capsys):
     save_weights(tmp_path / "out", dim=256)
     code, lines = run_main(capsys, candidate, tmp_path / "out", data_dir)
     assert code == 1
-    assert lines[-1].startswith(evaluate.FAIL_TAG) and "build_model" in lines[-1]
-    assert not (tmp_path / "out" / evaluate.RESULT_FILE).exists()
+    assert lines[-1].startswith(protocol.FAIL_TAG) and "build_model" in lines[-1]
+    assert not (tmp_path / "out" / protocol.RESULT_FILE).exists()
 
 
 @pytest.mark.parametrize("saved", ["other_size", "other_keys"])
@@ -363,21 +363,21 @@ def test_eval_weights_that_do_not_fit(tmp_path, data_dir, capsys, saved):
         save_weights(out, dim=128)
     else:
         out.mkdir()
-        torch.save({"something.else": torch.zeros(3)}, out / harness.WEIGHTS_FILE)
+        torch.save({"something.else": torch.zeros(3)}, out / protocol.WEIGHTS_FILE)
     code, lines = run_main(capsys, candidate, out, data_dir)
     assert code == 1
-    assert lines[-1].startswith(evaluate.FAIL_TAG) and "do not fit" in lines[-1]
-    assert not (out / evaluate.RESULT_FILE).exists()
+    assert lines[-1].startswith(protocol.FAIL_TAG) and "do not fit" in lines[-1]
+    assert not (out / protocol.RESULT_FILE).exists()
 
 
 def test_eval_non_finite_logits(tmp_path, data_dir, capsys):
     candidate = write_candidate(tmp_path / "cand", dim=256)
     out = tmp_path / "out"
     out.mkdir()
-    torch.save({"emb.weight": torch.full((256, 256), float("nan"))}, out / harness.WEIGHTS_FILE)
+    torch.save({"emb.weight": torch.full((256, 256), float("nan"))}, out / protocol.WEIGHTS_FILE)
     code, lines = run_main(capsys, candidate, out, data_dir)
     assert code == 1
-    assert lines[-1].startswith(evaluate.FAIL_TAG) and "non-finite" in lines[-1]
+    assert lines[-1].startswith(protocol.FAIL_TAG) and "non-finite" in lines[-1]
 
 
 # ---------------------------------------------------------------------------- 5: NaN
@@ -403,10 +403,10 @@ def test_non_finite_loss_exits_with_exit_nan(tmp_path, data_dir, value, bad_from
                     SCHEDULER_DEVICE="cpu")
     started = time.monotonic()
     proc = run_python(["cand.py"], cwd=tmp_path, env=env, timeout=30)
-    assert proc.returncode == harness.EXIT_NAN, proc.stdout
+    assert proc.returncode == protocol.EXIT_NAN, proc.stdout
     assert time.monotonic() - started < 15
     assert f"loss is {value}" in proc.stdout
-    assert not (tmp_path / "out" / harness.WEIGHTS_FILE).exists()
+    assert not (tmp_path / "out" / protocol.WEIGHTS_FILE).exists()
 
 
 def test_nan_in_a_loop_that_never_asks_done(harness_env, data_dir):
@@ -416,7 +416,7 @@ def test_nan_in_a_loop_that_never_asks_done(harness_env, data_dir):
     with pytest.raises(SystemExit) as exit_info:
         for _ in range(10):
             run.step(torch.tensor(float("nan")), tokens=1)
-    assert exit_info.value.code == harness.EXIT_NAN
+    assert exit_info.value.code == protocol.EXIT_NAN
 
 
 # ---------------------------------------------------------------------------- 6: train split only
@@ -494,7 +494,7 @@ def test_budget_counts_training_time_only(harness_env, tmp_path, data_dir):
     wall = time.perf_counter() - started
     run.finish(model, precision="fp32")
 
-    stats = json.loads((tmp_path / "out" / harness.STATS_FILE).read_text())
+    stats = json.loads((tmp_path / "out" / protocol.STATS_FILE).read_text())
     assert 1.0 <= stats["training_seconds"] <= 1.5
     assert stats["warmup_seconds"] >= 0.85  # three 0.3 s steps, not counted
     assert wall >= stats["training_seconds"] + stats["warmup_seconds"] - 0.01
@@ -503,7 +503,7 @@ def test_budget_counts_training_time_only(harness_env, tmp_path, data_dir):
     assert stats["budget"] == 1.0 and stats["precision"] == "fp32" and stats["gpu_name"] == "cpu"
     assert progress[: harness.WARMUP_STEPS] == [0.0] * harness.WARMUP_STEPS
     assert progress == sorted(progress) and 0.5 < progress[-1] <= 1.0
-    saved = torch.load(tmp_path / "out" / harness.WEIGHTS_FILE, weights_only=True)
+    saved = torch.load(tmp_path / "out" / protocol.WEIGHTS_FILE, weights_only=True)
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
 
 
@@ -579,7 +579,7 @@ def test_eval_without_the_split_says_how_to_fix(tmp_path, capsys):
     save_weights(tmp_path / "out", dim=256)
     code, lines = run_main(capsys, candidate, tmp_path / "out", tmp_path / "no-data")
     assert code == 1
-    assert lines[-1].startswith(evaluate.FAIL_TAG + "no val split at") and "scheduler prepare" in lines[-1]
+    assert lines[-1].startswith(protocol.FAIL_TAG + "no val split at") and "scheduler prepare" in lines[-1]
 
 
 def load_train_module():
