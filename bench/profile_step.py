@@ -4,6 +4,7 @@
     python bench/profile_step.py MODEL_DIM=1024 MODEL_HEADS=8 --steps 30
     python bench/profile_step.py MODEL_DIM=512 MODEL_DEPTH=6 MODEL_HEADS=8 BATCH_SIZE=4 GRADIENT_ACCUMULATE_EVERY=4
     python bench/profile_step.py --eager                  # parts launched from Python, as without CUDA graphs
+    python bench/profile_step.py --kernels 25             # also the 25 GPU kernels that take longest in a step
 
 Builds the model and optimizer with train.py's own functions (constants
 overridden as given) and compiles the loss as train.py does. Then times the
@@ -15,6 +16,8 @@ the GPU's, without Python's launches (`--eager` keeps those). The whole step as
 one graph is timed too. Random bytes stand in for data: speed does not depend
 on them. Also prints the phases of the first compilation that took 0.5 s or
 more (torch's own counters): Dynamo's tracing, AOT autograd, Inductor.
+`--kernels N` lists the kernels a step spends its GPU time in (torch's profiler
+over eagerly launched steps: a graph's replay hides its kernels from it).
 """
 
 from __future__ import annotations
@@ -84,11 +87,32 @@ def compile_phases() -> list[tuple[str, float]]:
     return sorted(phases, key=lambda phase: -phase[1])
 
 
+def kernel_table(step: Callable[[], None], steps: int, rows: int) -> str:
+    """The `rows` GPU kernels with the most time in `step`, as a table: ms per step, calls per step, share."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in profiler.key_averages() if e.device_type == DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in kernels)
+    lines = [f"{len(kernels)} distinct kernels, {total / steps / 1e3:.2f} ms of GPU time a step\n",
+             "| kernel | ms per step | calls per step | share |", "| --- | --- | --- | --- |"]
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:rows]:
+        lines.append(f"| {e.key[:100]} | {e.self_device_time_total / steps / 1e3:.3f} | {e.count / steps:g} "
+                     f"| {e.self_device_time_total / total:.1%} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("constants", nargs="*", help="K=V overrides of train.py's constants")
     parser.add_argument("--steps", type=int, default=20, help="timed repetitions of each part")
     parser.add_argument("--eager", action="store_true", help="launch each part from Python instead of a CUDA graph")
+    parser.add_argument("--kernels", type=int, default=0, metavar="N", help="list the N kernels that take longest")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_step needs a CUDA GPU")
@@ -151,6 +175,8 @@ def main() -> None:
     for name, seconds in phases:
         if seconds >= SHOWN_PHASE_SECONDS:
             print(f"  {seconds:6.1f} s  {name}")
+    if args.kernels:
+        print("\n" + kernel_table(whole_step, args.steps, args.kernels))
 
 
 if __name__ == "__main__":
