@@ -77,14 +77,8 @@ def compile_phases() -> list[tuple[str, float]]:
     """torch's aggregated compile-time counters (name, seconds), longest first."""
     from torch._dynamo.utils import compile_times
 
-    phases = []
-    for line in compile_times(repr="str", aggregate=True).splitlines():
-        name, _, value = line.rpartition(",")
-        try:
-            phases.append((name.strip(), float(value)))
-        except ValueError:  # the header lines
-            continue
-    return sorted(phases, key=lambda phase: -phase[1])
+    names, seconds = compile_times(repr="csv", aggregate=True)  # "str" is laid out by tabulate when installed
+    return sorted(zip(names, map(float, seconds)), key=lambda phase: -phase[1])
 
 
 def kernel_table(step: Callable[[], None], steps: int, rows: int) -> str:
