@@ -110,13 +110,14 @@ def newton_schulz(stack: torch.Tensor, steps: int, eps: float, coefs: tuple[floa
     of same-shaped matrices, its scalar multiplies and additions done inside the matmuls (baddbmm): 3 kernels an
     iteration instead of 8."""
     a, b, c = coefs
-    wide = stack.mT if stack.shape[-2] > stack.shape[-1] else stack  # iterate on the smaller Gram matrix
-    x = wide / wide.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    tall = stack.shape[-2] > stack.shape[-1]  # iterate on the smaller Gram matrix
+    x = stack.mT if tall else stack
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     for _ in range(steps):
         gram = x @ x.mT
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b*A + c*A@A
         x = torch.baddbmm(x, poly, x, beta=a)                    # a*X + B@X
-    return x.mT if wide is not stack else x
+    return x.mT if tall else x
 
 
 class BatchedMuonAdamAtan2(MuonAdamAtan2):
@@ -255,6 +256,12 @@ def to_float8(model: torch.nn.Module) -> None:
 # ---------------------------------------------------------------------------
 
 
+def next_byte_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (nats) of predicting each byte of `batch` [B, T + 1] from the bytes before it."""
+    logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.float().view(-1, VOCAB_SIZE), batch[:, 1:].reshape(-1))
+
+
 def trace_einops_whole() -> None:
     """Let torch.compile put x-transformers' einops calls into the graph whole instead of stepping through them.
 
@@ -313,8 +320,7 @@ def main() -> None:
           f"| budget: {run.budget:.0f}s", flush=True)
 
     def loss_of(batch: torch.Tensor) -> torch.Tensor:
-        logits = model(batch[:, :-1])
-        return F.cross_entropy(logits.float().view(-1, VOCAB_SIZE), batch[:, 1:].reshape(-1))
+        return next_byte_loss(model, batch)
 
     if USE_COMPILE and device.type == "cuda":
         trace_einops_whole()
