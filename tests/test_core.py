@@ -85,6 +85,7 @@ def train_only_folder(tmp_path: Path, data_dir: Path) -> Path:
 # ---------------------------------------------------------------------------- 1, 2: end to end
 
 
+@pytest.mark.slow
 def test_train_py_trains_and_is_scored(tmp_path, tiny_train, data_dir):
     """`python train.py` outside the scheduler: trains for the budget, then hands over to the evaluation."""
     out = tmp_path / "out"
@@ -126,6 +127,7 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_standalone_run_exits_with_the_evaluations_code(tmp_path, tiny_train, data_dir):
     """`python train.py` hands over to the evaluation it started beside training; when scoring fails, the
     run's exit code says so."""
@@ -146,6 +148,7 @@ def test_standalone_run_exits_with_the_evaluations_code(tmp_path, tiny_train, da
     assert (tmp_path / "out" / protocol.WEIGHTS_FILE).is_file()
 
 
+@pytest.mark.slow
 def test_standalone_run_that_crashes_leaves_no_evaluation_behind(tmp_path, tiny_train, data_dir):
     """Training that fails before finish(): the waiting evaluation sees its input close and exits."""
     tiny_train.write_text(tiny_train.read_text().replace("    run = harness.Run()\n",
@@ -160,6 +163,7 @@ def test_standalone_run_that_crashes_leaves_no_evaluation_behind(tmp_path, tiny_
     assert not processes_mentioning(str(tmp_path / "out"))
 
 
+@pytest.mark.slow
 def test_trial_saves_only_and_evaluation_is_deterministic(tmp_path, tiny_train, data_dir):
     """Under the scheduler (SCHEDULER_TRIAL) training only saves, from a folder holding nothing but
     the train split; the evaluation, a separate process, gives the same figure every time."""
@@ -314,6 +318,7 @@ def test_eval_of_a_good_candidate(tmp_path, data_dir, capsys):
     assert lines[-1].startswith("precision:")  # no train_stats.json: the block still prints, with n/a
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("go", [True, False])
 def test_waiting_evaluation_runs_the_candidate_only_after_go(tmp_path, data_dir, go):
     """--wait (a trial starts the evaluation beside training) imports libraries only: the candidate's
@@ -333,6 +338,7 @@ def test_waiting_evaluation_runs_the_candidate_only_after_go(tmp_path, data_dir,
     assert (tmp_path / "out" / protocol.RESULT_FILE).exists() == go
 
 
+@pytest.mark.slow
 def test_eval_wrong_output_shape_cli(tmp_path, data_dir):
     candidate = write_candidate(tmp_path / "cand", dim=128)
     save_weights(tmp_path / "out", dim=128)
@@ -394,6 +400,7 @@ run.finish(torch.nn.Linear(1, 1))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value,bad_from", [("nan", 0), ("inf", 20)])
 def test_non_finite_loss_exits_with_exit_nan(tmp_path, data_dir, value, bad_from):
     """From the first step (checked at once) or after the warmup (checked within SYNC_EVERY);
@@ -479,6 +486,7 @@ def test_peak_tflops(name, tflops):
 # ---------------------------------------------------------------------------- 8: the budget clock
 
 
+@pytest.mark.slow
 def test_budget_counts_training_time_only(harness_env, tmp_path, data_dir):
     """First steps that take 0.3 s each (a "compilation") are warmup; the loop stops after ~1 s counted."""
     harness_env.setenv("SCHEDULER_TRAIN_DATA", str(data_dir / "train.bin"))
@@ -637,6 +645,7 @@ def test_batched_optimizer_refuses_options_it_does_not_implement():
         train.BatchedMuonAdamAtan2(muon_params=[model.weight], params=model.parameters(), cautious_factor=0.5)
 
 
+@pytest.mark.slow
 def test_einops_calls_enter_the_compiled_graph_whole():
     """train.trace_einops_whole keeps Dynamo out of einops' pattern parsing; the compiled model computes the same."""
     import einops

@@ -19,6 +19,7 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_a_node_without_the_data_fetches_it_once(tmp_path, monkeypatch, ray_local):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(" ".join(f"word{i % 89}" for i in range(20_000)))
