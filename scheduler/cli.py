@@ -101,7 +101,8 @@ def cmd_launch(args, layout: Layout) -> int:
     opts = LaunchOptions(root=layout.root, data_dir=layout.data, gpus=args.gpus, budget=args.budget,
                          address=args.address, exit_when_idle=args.exit_when_idle, pretend_gpus=args.pretend_gpus,
                          device=args.device, dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host,
-                         startup_allowance=args.startup_allowance, rule=rule, git_commit=args.git_commit)
+                         startup_allowance=args.startup_allowance, sandbox=args.sandbox, rule=rule,
+                         git_commit=args.git_commit)
     try:
         return launch(opts)
     except (LaunchError, PrepareError) as error:
@@ -264,7 +265,8 @@ def cmd_report(args, layout: Layout) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from scheduler.promotion import POLICIES, RuleConfig  # the rule's defaults are the options' defaults
+    from scheduler.launch import LaunchOptions  # the launch's and the rule's defaults are the options' defaults
+    from scheduler.promotion import POLICIES, RuleConfig
 
     parser = argparse.ArgumentParser(prog="python -m scheduler", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -285,14 +287,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("launch", cmd_launch, "run every candidate as a Ray Tune trial, one GPU each", json_flag=False)
     p.add_argument("--gpus", default="all", help="all, a count (2) or indices (0,2)")
-    p.add_argument("--budget", type=float, default=300.0, help="training seconds per trial")
+    p.add_argument("--budget", type=float, default=LaunchOptions.budget, help="training seconds per trial")
     p.add_argument("--address", help="join a Ray cluster (e.g. auto)")
     p.add_argument("--exit-when-idle", action="store_true", help="end when nothing is queued or running")
     p.add_argument("--pretend-gpus", type=int, default=0, help="N pretend GPUs on the CPU (with --device cpu)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--no-dashboard", action="store_true")
     p.add_argument("--dashboard-host", default="127.0.0.1", help="listen address of the dashboard")
-    p.add_argument("--startup-allowance", type=float, default=300.0, help="seconds beyond the budget before a kill")
+    p.add_argument("--startup-allowance", type=float, default=LaunchOptions.startup_allowance,
+                   help="seconds from a trial's start to its first progress line before it is killed")
+    p.add_argument("--sandbox", default=LaunchOptions.sandbox, choices=("auto", "bwrap", "none"),
+                   help="auto (default): bubblewrap, and refuse to start where no sandbox can be made; "
+                        "none: run candidates unsandboxed, at your own risk")
     p.add_argument("--promotion", default=RuleConfig.policy, choices=POLICIES,
                    help="noise-aware: confirm with reruns; greedy: promote any first score below the "
                         "baseline's best score (the original one-run rule)")

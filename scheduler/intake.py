@@ -18,11 +18,11 @@ import os
 import re
 import secrets
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from scheduler import queue, results
+from scheduler.console import say
 from scheduler.layout import Layout, baseline_id, sha256_bytes
 
 MAX_BYTES = 1_000_000
@@ -161,8 +161,7 @@ def scan(layout: Layout, baseline: str) -> list[str]:
             for path in (claimed, kept):
                 if path.exists():
                     os.rename(path, layout.candidates / name)
-            print(f"[scheduler] could not take in {name!r} ({error}); it stays in candidates/ and is tried "
-                  f"again at the next scan", file=sys.stderr, flush=True)
+            say(f"could not take in {name!r} ({error}); it stays in candidates/ and is tried again at the next scan")
             break
         meta_path.unlink(missing_ok=True)
         handled.append(candidate_id)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from scheduler import control, prepare, queue
 from scheduler.layout import Layout
-from scheduler.record import say
+from scheduler.console import say
 
 DASHBOARD_PORT = 8265
 LOCAL_HOST = "127.0.0.1"
@@ -43,7 +43,8 @@ class LaunchOptions:
     device: str = "cuda"
     dashboard: bool = True
     dashboard_host: str = LOCAL_HOST
-    startup_allowance: float = 300.0  # seconds beyond the budget before a trial is killed (imports, compile)
+    startup_allowance: float = 120.0  # seconds from a trial's start to its first progress line (imports, compile)
+    sandbox: str = "auto"            # auto | bwrap | none (scheduler/sandbox.py)
     eval_timeout: float = 600.0
     rule: dict = field(default_factory=dict)
     git_commit: bool = False
@@ -124,6 +125,15 @@ def launch(opts: LaunchOptions) -> int:
         raise LaunchError("--pretend-gpus runs trials on the CPU: add --device cpu")
 
     local_gpus = None if opts.address or opts.pretend_gpus else choose_gpus(opts.gpus, count_gpus())
+    from scheduler.sandbox import SandboxError, resolve
+
+    try:
+        sandbox = resolve(opts.sandbox)
+    except SandboxError as error:
+        raise LaunchError(str(error)) from None
+    if sandbox == "none":
+        say("warning: --sandbox none: candidates run with your rights and can read the validation split, rewrite "
+            "results/ and train.py, and reach the network; every row records sandbox=none")
     if not prepare.is_prepared(layout.data):
         say(f"no data in {layout.data}: downloading and checking enwik8 (once)")
         prepare.prepare(layout.data)
@@ -162,7 +172,7 @@ def launch(opts: LaunchOptions) -> int:
         for note in info["notes"]:
             say(note)
         say(f"{n_gpus} GPU(s){' (pretend, on the CPU)' if opts.pretend_gpus else ''}, budget {opts.budget:.0f} s, "
-            f"baseline {info['baseline']}, root {layout.root}")
+            f"sandbox {sandbox}, baseline {info['baseline']}, root {layout.root}")
         if opts.dashboard:
             # the port Ray really took (it moves on when 8265 is in use)
             url = context.dashboard_url or f"{opts.dashboard_host}:{DASHBOARD_PORT}"
@@ -170,7 +180,8 @@ def launch(opts: LaunchOptions) -> int:
                 say(line)
         data_sha256 = json.loads((layout.data / prepare.META_FILE).read_text())["sha256"]
         settings = {"budget": opts.budget, "device": opts.device, "startup_allowance": opts.startup_allowance,
-                    "eval_timeout": opts.eval_timeout, "data_sha256": data_sha256,
+                    "eval_timeout": opts.eval_timeout, "data_sha256": data_sha256, "sandbox": sandbox,
+                    "root": str(layout.root),
                     "omp_threads": max(1, (os.cpu_count() or 1) // max(1, n_gpus))}
         _signal_handlers(layout)
         tuner = tune.Tuner(

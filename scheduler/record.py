@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 from ray.tune import Callback
 
 from scheduler import queue, results
+from scheduler.console import say
 from scheduler.layout import Layout
 from scheduler.selection import ACTOR_NAME
 
-ROW_FIELDS = ("trial_id", "candidate_id", "kind", "agent", "parent", "baseline", "description", "source_sha256", "seed")
+ROW_FIELDS = ("trial_id", "candidate_id", "kind", "agent", "parent", "baseline", "description", "source_sha256", "seed",
+              "sandbox")
 WORKER_DIED = "The actor died unexpectedly"  # how Ray's error starts when the process running a trial is gone
 RETRY_SUFFIX = "-a2"                         # trial id of the one retry of an interrupted trial
 
@@ -39,10 +40,6 @@ def error_text(trial) -> str:
     if any(line.startswith(WORKER_DIED) for line in lines):
         return "the Ray worker process running it died (killed, out of memory, or crashed)"
     return f"the Ray worker running it failed: {lines[-1][:300]}" if lines else "the Ray worker running it failed"
-
-
-def say(message: str) -> None:
-    print(f"[scheduler] {message}", file=sys.stderr, flush=True)
 
 
 class RecordResults(Callback):

@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 if TYPE_CHECKING:  # pyarrow's to_pandas() imports pandas when a frame is read; `submit` never spends 0.7 s on it
     import pandas as pd
 
-STATUSES = ("ok", "crash", "oom", "timeout", "nan", "eval_failed", "rejected", "interrupted")
+STATUSES = ("ok", "crash", "oom", "timeout", "nan", "export_failed", "eval_failed", "refused", "rejected",
+            "interrupted")
 KINDS = ("candidate", "confirm", "control")  # first run, extra seeds of a candidate, rerun of the baseline
 
 _TIME = pa.timestamp("us", tz="UTC")
@@ -57,6 +58,8 @@ SCHEMA = pa.schema([
     ("gpu_id", pa.string()),          # CUDA_VISIBLE_DEVICES the trial ran with
     ("node", pa.string()),
     ("seed", pa.int64()),
+    ("sandbox", pa.string()),         # what the candidate ran in: bwrap, or none (launch --sandbox none)
+    ("startup_seconds", pa.float64()),  # trial start to the first progress line, on the trial's own clock
     ("submitted_at", _TIME),
     ("started_at", _TIME),
     ("finished_at", _TIME),

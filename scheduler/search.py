@@ -14,13 +14,13 @@ selection actor is looked up by name when needed.
 
 from __future__ import annotations
 
-import sys
 import time
 
 from ray.tune import Stopper
 from ray.tune.search import Searcher
 
 from scheduler import control, intake, queue
+from scheduler.console import say
 from scheduler.layout import Layout
 
 SCAN_EVERY = 0.5  # seconds between looks at candidates/
@@ -58,7 +58,7 @@ class QueueSearcher(Searcher):
 
         info = ray.get(ray.get_actor(ACTOR_NAME).sync_baseline.remote())
         for note in info["notes"]:
-            print(f"[scheduler] {note}", file=sys.stderr, flush=True)
+            say(note)
         return info["baseline"]
 
     def _config(self, layout: Layout, entry: queue.Entry, baseline: str) -> dict:

@@ -1,15 +1,22 @@
-"""One trial: run a candidate on the GPU Ray assigned, then score its weights in a fresh process.
+"""One trial: train a candidate in a sandbox on the GPU Ray assigned, then score what it hands over.
 
 `run_trial(config)` is the Ray Tune function trainable. The candidate's source
-travels in the config (no shared file system needed); the trial writes it to
-its own working folder, starts `python train.py` there as its own process
-group with the budget, seed and data location in the environment, streams the
-harness's progress lines to Tune (the dashboard and `status` show them), keeps
-the output in a size-capped log, and kills the whole group at a hard limit, or
-sooner when its progress shows it training well past its budget.
-Then `python -m scheduler.evaluate` scores the saved weights; it is started
-with training and waits, its library imports done, until training has ended.
-The last report carries the trial's result row (see scheduler/results.py).
+travels in the config (no shared file system needed). The trial's folder,
+results/runs/TRIAL_ID/, is the trusted side's (the log, the evaluation's
+result); the candidate gets its own working folder below it (protocol.WORK_DIR),
+the only place it can write, and runs there as `python train.py` inside the
+sandbox (scheduler/sandbox.py) with the budget, seed and the train split's path
+in the environment. The trial streams the harness's progress lines to Tune
+(the dashboard and `status` show them), keeps the output in a size-capped log,
+and ends the training by its own clock (`TrialClock`): the start-up allowance
+until the first progress line, then the budget and a short hand-over margin.
+
+`python -m scheduler.evaluate`, started beside training and waiting with its
+library imports done, then scores the model the candidate handed over as data
+(a graph of allowed operators and its weights: scheduler/handover.py); it never
+runs the candidate's code. The last report carries the trial's result row, built
+from the evaluation's figures and the trial's own observations; what the
+training says of itself is checked (scheduler/claims.py) and never trusted.
 """
 
 from __future__ import annotations
@@ -23,19 +30,23 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
+from scheduler import claims
 from scheduler.prepare import META_FILE
-from scheduler.protocol import (EXIT_NAN, FAIL_TAG, PROGRESS_TAG, RESULT_FILE, STATS_FILE, WEIGHTS_FILE,
-                                evaluation_command, send_go)
+from scheduler.protocol import (EXIT_EXPORT, EXIT_NAN, EXPORT_TAG, FAIL_TAG, OUT_DIR, PROGRESS_TAG,
+                                REFUSED_TAG, RESULT_FILE, STATS_FILE, WEIGHTS_FILE, WORK_DIR, evaluation_command,
+                                send_go)
 
 LOG_HEAD_BYTES = 256_000     # the log keeps the first bytes of output ...
 LOG_TAIL_LINES = 400         # ... and the last lines; a flood in between is counted, not kept
 TAIL_KEPT = 20               # lines of output kept in the result row of a failed trial
-REPORT_EVERY = 2.0           # seconds between progress reports to Tune
+REPORT_EVERY = 2.0           # seconds between progress reports to Tune, and between looks at the trial's clock
 KILL_GRACE = 5.0             # seconds between SIGTERM and SIGKILL
-OVERRUN_GRACE = 10.0         # counted training seconds past the budget before a loop that ignores run.done() is
-                             # stopped: far more than one step overshoots, far less than the start-up allowance
+HANDOVER_MARGIN = 10.0       # seconds past the budget, on the trial's clock from the first progress line, for the
+                             # last step, saving the weights and exiting: what a training that lies about its clock
+                             # can gain at most (3% of a 300 s budget)
 MARK = "SCHEDULER_TRIAL_MARK"  # environment marker: finds processes that left the trial's process group
 PASSED_ENV = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "LD_LIBRARY_PATH", "CUDA_HOME",
               "CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "VIRTUAL_ENV",
@@ -45,13 +56,15 @@ PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 class OutputLog:
-    """Reads a process's output in a thread: a capped log file, the tail in memory, the latest progress."""
+    """Reads a process's output in a thread: a capped log file, the tail in memory, the latest progress and
+    when the first progress line came (on the trial's clock: time.monotonic())."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.recent: deque[str] = deque(maxlen=TAIL_KEPT)       # always the last lines, for the result row
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)    # lines past the head, written at close
         self.progress: dict = {}
+        self.first_progress: float | None = None
         self.dropped = 0
         self._head_left = LOG_HEAD_BYTES
         self._file = open(path, "a", encoding="utf-8", errors="replace")
@@ -70,6 +83,8 @@ class OutputLog:
                     self.progress = json.loads(line[len(PROGRESS_TAG):])
                 except ValueError:
                     pass
+                if self.first_progress is None:
+                    self.first_progress = time.monotonic()
             self.recent.append(line)
             if self._head_left > 0:
                 self._file.write(line)
@@ -96,6 +111,37 @@ class OutputLog:
         self._file.writelines(self.tail)
         self.tail.clear()
         self._file.close()
+
+
+class TrialClock:
+    """The trial's own clock, which a candidate cannot slow: the budget runs from the training's first progress
+    line (the harness prints it once its uncounted first steps are done), and before that line the start-up
+    allowance applies (imports, data, model, the export check, compilation)."""
+
+    def __init__(self, budget: float, allowance: float) -> None:
+        self.budget, self.allowance = budget, allowance
+        self.started = time.monotonic()
+
+    def overdue(self, first_progress: float | None) -> str | None:
+        """Why the training must stop now, or None."""
+        now = time.monotonic()
+        if first_progress is None:
+            if now - self.started <= self.allowance:
+                return None
+            return (f"no training progress within the start-up allowance of {self.allowance:.0f} s "
+                    "(imports, data, model, export check and compilation must fit in it)")
+        if now - first_progress <= self.budget + HANDOVER_MARGIN:
+            return None
+        return (f"still running {now - first_progress:.0f} s after its first progress line on a {self.budget:.0f} s "
+                f"budget (the trial's clock; {HANDOVER_MARGIN:.0f} s are allowed for the last step and saving): "
+                "the training loop must end when run.done() is true")
+
+    def startup_seconds(self, first_progress: float | None) -> float | None:
+        return None if first_progress is None else round(first_progress - self.started, 1)
+
+    def window_seconds(self, first_progress: float | None) -> float | None:
+        """Seconds from the first progress line to now: the most training time a run can truly have had."""
+        return None if first_progress is None else time.monotonic() - first_progress
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -147,53 +193,48 @@ def start_process(cmd: list[str], cwd: Path, env: dict, waits_for_go: bool = Fal
                             stdin=subprocess.PIPE if waits_for_go else subprocess.DEVNULL, start_new_session=True)
 
 
-def await_process(proc: subprocess.Popen, limit: float, log: OutputLog, report, mark: str,
-                  spare: int | None = None, give_up=lambda: False) -> tuple[int, bool]:
-    """Follow a started process to its end, the limit or `give_up()`; (exit code, timed out). Afterwards kill
-    what it left, in its group and by marker, except the process `spare`. `report` and `give_up` are called
-    every REPORT_EVERY s."""
+def await_process(proc: subprocess.Popen, log: OutputLog, report: Callable[[], None], mark: str,
+                  overdue: Callable[[], str | None], spare: int | None = None) -> tuple[int, str | None]:
+    """Follow a started process to its end or until `overdue()` gives a reason to stop it; (exit code, that
+    reason). Afterwards kill what it left, in its group and by marker, except the process `spare`.
+    `report` and `overdue` are called every REPORT_EVERY s."""
     log.follow(proc.stdout)
-    deadline = time.monotonic() + limit
-    timed_out = False
+    stopped = None
     while True:
         try:
             proc.wait(timeout=REPORT_EVERY)
             break
         except subprocess.TimeoutExpired:
             report()
-            if time.monotonic() > deadline or give_up():
-                timed_out = True
+            stopped = overdue()
+            if stopped:
                 kill_group(proc)
                 break
     kill_group(proc)  # children it left behind in its group
     kill_marked(mark, spare)
     log.wait()
-    return proc.returncode, timed_out
+    return proc.returncode, stopped
 
 
-def classify(code: int, timed_out: bool, lines: list[str], limit: float) -> tuple[str, str]:
-    """(status, one-line reason) of a training process that did not finish cleanly."""
+def classify(code: int, lines: list[str]) -> tuple[str, str]:
+    """(status, one-line reason) of a training or evaluation process that ended on its own, not cleanly."""
     text = "\n".join(lines)
-    if timed_out:
-        return "timeout", f"killed at the hard limit of {limit:.0f} s (budget + start-up allowance)"
+    tagged = {EXPORT_TAG: "export_failed", REFUSED_TAG: "refused", FAIL_TAG: "eval_failed"}
+    for line in reversed(lines):
+        for tag, status in tagged.items():
+            if line.startswith(tag):
+                return status, line[len(tag):]
     if any(sign in text for sign in OOM_SIGNS):
         return "oom", "out of GPU memory: use a smaller model or batch"
     if code == EXIT_NAN:
         nan_line = next((l for l in reversed(lines) if l.startswith("FAIL: loss")), "loss is not finite")
         return "nan", nan_line
     last = next((l.strip() for l in reversed(lines) if l.strip()), "")
+    if code == EXIT_EXPORT:
+        return "export_failed", last or "the model could not be exported"
     if code < 0:
         return "crash", f"killed by signal {-code}" + (f": {last}" if last else "")
     return "crash", last or f"exit code {code} with no output"
-
-
-def overrun(progress: dict, budget: float) -> str | None:
-    """Why a training that goes on past its budget is stopped, once its own progress shows it; else None."""
-    counted = progress.get("training_seconds")
-    if not isinstance(counted, (int, float)) or counted <= budget + OVERRUN_GRACE:
-        return None
-    return (f"stopped after {counted:.0f} s of counted training on a {budget:.0f} s budget: "
-            "the training loop must end when run.done() is true")
 
 
 def gpu_name(device: str) -> str:
@@ -275,25 +316,33 @@ def local_data(config: dict, shipped: list | None) -> str:
     return str(cache)
 
 
-def eval_failure(lines: list[str]) -> str | None:
-    """The evaluation's own one-line reason for failing, when it printed one."""
-    return next((line[len(FAIL_TAG):] for line in reversed(lines) if line.startswith(FAIL_TAG)), None)
+def training_command(config: dict, work: Path, env: dict) -> tuple[list[str], dict]:
+    """`python train.py` as the trial runs it: inside the sandbox unless the launch was told otherwise."""
+    command = [sys.executable, "train.py"]
+    if config["sandbox"] == "none":
+        return command, env
+    from scheduler.sandbox import trial_sandbox
+
+    jail = trial_sandbox(config, work, Path(config["data_dir"]) / "train.bin")
+    return jail.command(command), {**env, **jail.env}
 
 
 def run_trial(config: dict, shipped: list | None = None) -> None:
-    """Ray Tune function trainable: train, score, and report the result row."""
+    """Ray Tune function trainable: train in the sandbox, score the hand-over, report the result row."""
     from ray import tune
 
     started = time.time()
     config = {**config, "data_dir": local_data(config, shipped)}
-    workdir = Path(config["runs_dir"]) / config["trial_id"]
-    workdir.mkdir(parents=True, exist_ok=True)
-    out_dir = workdir / "out"
-    (workdir / "train.py").write_text(config["source"], encoding="utf-8")
+    folder = Path(config["runs_dir"]) / config["trial_id"]
+    work = folder / WORK_DIR
+    out_dir = work / OUT_DIR
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "train.py").write_text(config["source"], encoding="utf-8")
+    result_file = folder / RESULT_FILE
     env = candidate_env(config, out_dir)
-    log = OutputLog(workdir / "log.txt")
+    log = OutputLog(folder / "log.txt")
     row = {key: config[key] for key in ("trial_id", "candidate_id", "kind", "agent", "parent", "baseline",
-                                        "description", "source_sha256", "seed")}
+                                        "description", "source_sha256", "seed", "sandbox")}
     row.update(gpu_id=os.environ.get("CUDA_VISIBLE_DEVICES", ""), node=socket.gethostname(),
                gpu_name=gpu_name(config["device"]), started_at=started)
 
@@ -302,57 +351,60 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
             tune.report({**log.progress, "phase": "train", "elapsed": round(time.time() - started, 1),
                          "gpu": row["gpu_id"]})
 
-    limit = config["budget"] + config["startup_allowance"]
     splits = ["val", "test"] if config.get("score_test") else ["val"]  # test: a new baseline's first control run
-    eval_cmd = [*evaluation_command("train.py", out_dir, config["data_dir"], config["device"]), "--split", *splits]
-    # Started now so that its imports overlap training; it runs the candidate's code only after "go"
-    evaluation = start_process([*eval_cmd, "--wait"], workdir, env, waits_for_go=True)
-    training = start_process([sys.executable, "train.py"], workdir, env)
-    code, timed_out = await_process(training, limit, log, report_progress, env[MARK], spare=evaluation.pid,
-                                    give_up=lambda: overrun(log.progress, config["budget"]))
-    weights = out_dir / WEIGHTS_FILE
-    if code != 0 or timed_out or not weights.exists():
+    eval_cmd = [*evaluation_command(out_dir, result_file, config["data_dir"], config["device"]), "--split", *splits]
+    # Started now so that its imports overlap training; it reads the hand-over only after "go"
+    evaluation = start_process([*eval_cmd, "--wait"], folder, env, waits_for_go=True)
+    clock = TrialClock(config["budget"], config["startup_allowance"])
+    try:
+        command, training_env = training_command(config, work, env)
+        training = start_process(command, work, training_env)
+    except Exception:
+        kill_group(evaluation)
+        raise
+    code, stopped = await_process(training, log, report_progress, env[MARK], spare=evaluation.pid,
+                                  overdue=lambda: clock.overdue(log.first_progress))
+    window = clock.window_seconds(log.first_progress)  # the sandbox is gone: nothing of the candidate runs now
+    row["startup_seconds"] = clock.startup_seconds(log.first_progress)
+    figures: dict = {}
+    if stopped:
         kill_group(evaluation)  # nothing to score
-        status, reason = classify(code, timed_out, log.last_lines(), limit)
-        if timed_out:  # stopped by give_up, or at the hard limit: the overrun, when there was one, is the reason
-            reason = overrun(log.progress, config["budget"]) or reason
-        if code == 0 and not timed_out:
-            status, reason = "crash", "training finished without saving weights: call run.finish(model)"
+        status, reason = "timeout", stopped
+    elif code != 0:
+        kill_group(evaluation)
+        status, reason = classify(code, log.last_lines())
+    elif not (out_dir / WEIGHTS_FILE).exists():
+        kill_group(evaluation)
+        status, reason = "crash", "training finished without saving its model: call run.finish(model)"
     else:
         tune.report({**log.progress, "phase": "eval", "elapsed": round(time.time() - started, 1)})
-        result_file = out_dir / RESULT_FILE
-        result_file.unlink(missing_ok=True)  # the score comes from the evaluation, never from the candidate
         send_go(evaluation)
-        code, timed_out = await_process(evaluation, config["eval_timeout"], log, lambda: None, env[MARK])
-        lines = log.last_lines()
-        cause, why = classify(code, timed_out, lines, config["eval_timeout"])
-        scored = result_file.exists()  # written as soon as the validation split is scored
-        if scored and code == 0 and not timed_out:
-            status, reason = "ok", ""
-        elif scored and len(splits) > 1:  # the test split failed after it: the validation score stands
-            status, reason = "ok", f"test split not scored: {eval_failure(lines) or why}"
-        elif cause == "oom":
-            status, reason = "oom", why
-        else:
-            status, reason = "eval_failed", eval_failure(lines) or why
+        deadline = time.monotonic() + config["eval_timeout"]
+        code, stopped = await_process(
+            evaluation, log, lambda: None, env[MARK],
+            overdue=lambda: f"the evaluation took over {config['eval_timeout']:.0f} s" if time.monotonic() > deadline
+            else None)
+        figures = claims.read_untrusted_json(result_file)  # written by the evaluation, as soon as val is scored
+        status, reason = "ok", ""
+        if stopped or code != 0:
+            cause, why = ("eval_failed", stopped) if stopped else classify(code, log.last_lines())
+            if "val_bpc" in figures:  # the test split failed after it: the validation score stands
+                reason = f"test split not scored: {why}"
+            else:
+                status, reason = (cause if cause in ("oom", "refused") else "eval_failed"), why
 
-    stats = {}
-    for name in (RESULT_FILE, STATS_FILE):
-        if (out_dir / name).exists():
-            stats = json.loads((out_dir / name).read_text())
-            break
+    stats = claims.read_untrusted_json(out_dir / STATS_FILE)
+    checked, refusal = claims.check(stats, figures, window, row["gpu_name"])
+    if status == "ok" and refusal:
+        status, reason = "refused", refusal
+    row.update(checked)
     row.update(
         status=status, reason=reason, error_tail="\n".join(log.last_lines()) if status != "ok" else "",
-        val_bpc=stats.get("val_bpc") if status == "ok" else None,
-        test_bpc=stats.get("test_bpc") if status == "ok" else None,
-        training_seconds=stats.get("training_seconds"), eval_seconds=stats.get("eval_seconds"),
-        tokens=stats.get("total_tokens"), steps=stats.get("num_steps"), parameters=stats.get("num_params"),
-        peak_memory_mb=stats.get("peak_vram_mb"), mfu_percent=stats.get("mfu_percent"),
-        tokens_per_second=stats.get("tokens_per_second"), precision=stats.get("precision"),
+        val_bpc=figures.get("val_bpc") if status == "ok" else None,
+        test_bpc=figures.get("test_bpc") if status == "ok" else None,
+        eval_seconds=figures.get("eval_seconds"),
         finished_at=time.time(), total_seconds=round(time.time() - started, 1),
     )
-    if stats.get("gpu_name") and stats["gpu_name"] != "cpu":
-        row["gpu_name"] = stats["gpu_name"]
     log.close()
-    weights.unlink(missing_ok=True)  # scored: the weights are not needed again, and they are large
+    (out_dir / WEIGHTS_FILE).unlink(missing_ok=True)  # scored: the weights are not needed again, and they are large
     tune.report({"phase": "done", "result_row": json.dumps(row)})

@@ -17,7 +17,7 @@ from scheduler import results
 from scheduler.cli import build_parser
 from scheduler.launch import LOCAL_HOST, dashboard_lines
 from scheduler.selection import ACTOR_NAME
-from scheduler.trial import LOG_HEAD_BYTES, MARK, OVERRUN_GRACE, PASSED_ENV, candidate_env, overrun
+from scheduler.trial import HANDOVER_MARGIN, LOG_HEAD_BYTES, MARK, PASSED_ENV, TrialClock, candidate_env
 
 from conftest import wait_for
 from test_scheduler import (corpus, make_root, scheduler, trial_processes, variant,  # noqa: F401  (corpus is a fixture)
@@ -201,12 +201,21 @@ def test_candidate_environment_is_an_allowlist(tmp_path, monkeypatch):
     assert not [value for value in env.values() if "val.bin" in value or "test.bin" in value]
 
 
-def test_a_training_is_stopped_only_well_past_its_budget():
-    assert overrun({}, 300.0) is None                                    # no progress printed yet
-    assert overrun({"training_seconds": 300.0 + OVERRUN_GRACE}, 300.0) is None  # the last step may overshoot
-    reason = overrun({"training_seconds": 311.0 + OVERRUN_GRACE}, 300.0)
-    assert reason.startswith(f"stopped after {311 + OVERRUN_GRACE:.0f} s of counted training on a 300 s budget")
-    assert overrun({"training_seconds": "soon"}, 300.0) is None           # a line the candidate printed itself
+def test_the_trial_clock_allows_the_start_up_then_the_budget_and_a_margin(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr("scheduler.trial.time.monotonic", lambda: now[0])
+    clock = TrialClock(budget=300.0, allowance=120.0)
+    now[0] += 120.0
+    assert clock.overdue(None) is None                       # the whole allowance, to the first progress line
+    now[0] += 1.0
+    assert "no training progress within the start-up allowance of 120 s" in clock.overdue(None)
+    first = now[0] - 1.0                                     # what the harness's own clock says does not matter
+    now[0] = first + 300.0 + HANDOVER_MARGIN
+    assert clock.overdue(first) is None
+    now[0] += 1.0
+    reason = clock.overdue(first)
+    assert reason.startswith("still running 311 s after its first progress line on a 300 s budget"), reason
+    assert clock.startup_seconds(first) == 120.0 and clock.window_seconds(first) == 311.0
 
 
 def test_dashboard_stays_local_unless_told_and_says_how_to_get_the_token():
