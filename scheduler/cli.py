@@ -8,7 +8,7 @@
     status [--watch]                         queue, running trials per GPU, baseline (--watch: live)
     show ID                                  metadata, result rows, the end of its log
     stop [--now]                             drain (or stop trials now)
-    baseline                                 the current baseline, its score ± σ, its lineage
+    baseline [--diff]                        the current baseline, its score ± σ, its lineage
     report [--out DIR]                       progress.png, timeline.png and summary.md
 
 Every command that prints data takes --json. Exit codes: 0 success; 1 the
@@ -222,15 +222,17 @@ def cmd_stop(args, layout: Layout) -> int:
 
 
 def cmd_baseline(args, layout: Layout) -> int:
-    promotions = rows_as_dicts(results.read_promotions(layout.results))
+    from scheduler.custody import diff_size
+
+    lineage = rows_as_dicts(results.read_lineage(layout.results))
     tests = results.test_scores(results.read_trials(layout.results))
-    for p in promotions:
+    for p in lineage:
         p["test_bpc"] = tests.get(p["new_baseline"])
         old_test = tests.get(p["old_baseline"])
         p["test_gain"] = None if p["test_bpc"] is None or old_test is None else old_test - p["test_bpc"]
     baseline = current_baseline(layout)
     info = {"baseline": baseline, "file": str(layout.baseline), "scores": baseline_scores(layout),
-            "test_bpc": tests.get(baseline), "lineage": promotions}
+            "test_bpc": tests.get(baseline), "lineage": lineage}
     if args.json:
         print(json.dumps(info))
         return OK
@@ -245,9 +247,17 @@ def cmd_baseline(args, layout: Layout) -> int:
     def test_gain(p: dict) -> str:
         return "not scored" if p["test_gain"] is None else f"{p['test_gain']:.4f}"
 
-    for p in promotions:
-        print(f"  {p['promoted_at'][:19]} {p['candidate_id']} ({p['agent']}): {p['description']} "
-              f"gain {p['gain']:.4f} on val, {test_gain(p)} on test (n={p['n_candidate']}, σ {p['sigma']:.4f})")
+    for p in lineage:
+        changed = "" if p["diff"] is None else " (+{} -{} lines)".format(*diff_size(p["diff"]))
+        if p["kind"] == "hand_edit":  # no decision, so no figures: its own control runs score it
+            print(f"  {p['promoted_at'][:19]} hand edit of train.py: {p['old_baseline']} -> {p['new_baseline']}"
+                  f"{changed}")
+        else:
+            print(f"  {p['promoted_at'][:19]} {p['candidate_id']} ({p['agent']}): {p['description']} "
+                  f"gain {p['gain']:.4f} on val, {test_gain(p)} on test (n={p['n_candidate']}, σ {p['sigma']:.4f})"
+                  f"{changed}")
+        if args.diff and p["diff"]:
+            print("\n".join("      " + line for line in p["diff"].splitlines()))
     return OK
 
 
@@ -337,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lines", type=int, default=20)
     p = command("stop", cmd_stop, "drain: finish running trials and start no new ones", json_flag=False)
     p.add_argument("--now", action="store_true", help="stop running trials too")
-    command("baseline", cmd_baseline, "the current baseline, its score and lineage")
+    p = command("baseline", cmd_baseline, "the current baseline, its score and lineage (promotions and hand edits)")
+    p.add_argument("--diff", action="store_true", help="print the diff of each change of the baseline too")
     p = command("report", cmd_report, "write progress.png, timeline.png and summary.md")
     p.add_argument("--out", help="folder (default: results/report)")
     return parser

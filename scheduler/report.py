@@ -15,7 +15,7 @@ timeline.png: one lane per GPU, each trial a bar from its start to its result,
 coloured by kind (first run, confirmation, control) or by how it failed; the
 lane's label gives its busy share.
 
-summary.md: ## Lineage (every promotion), ## Agents (one row per agent),
+summary.md: ## Lineage (every promotion and hand edit of train.py), ## Agents (one row per agent),
 ## Near misses (the best candidates never promoted), ## GPU busy share.
 """
 
@@ -37,9 +37,10 @@ from matplotlib.patches import Patch
 from matplotlib.text import Text
 from matplotlib.transforms import Bbox
 
+from scheduler.custody import diff_size
 from scheduler.layout import SELECTION_STATE
 from scheduler.selection import saved_rule
-from scheduler.results import STATUSES, read_promotions, read_trials, test_scores
+from scheduler.results import STATUSES, read_lineage, read_promotions, read_trials, test_scores
 
 FIGSIZE = (16, 9)  # inches; at DPI this is 1600x900 px
 LANE_INCHES, TIMELINE_MARGIN_INCHES = 0.45, 1.6  # timeline.png: 16 inches wide, this tall per GPU plus margins
@@ -58,7 +59,8 @@ CLIP_MARGIN = 0.3  # of the robust range (lowest score .. percentile)
 FAILED = tuple(s for s in STATUSES if s != "ok")
 STATUS_COLOURS = {
     "crash": "tab:red", "oom": "tab:purple", "timeout": "tab:orange", "nan": "tab:brown",
-    "eval_failed": "tab:pink", "rejected": "dimgray", "interrupted": "tab:olive",
+    "eval_failed": "tab:pink", "rejected": "dimgray", "interrupted": "tab:olive", "export_failed": "goldenrod",
+    "refused": "darkred",
 }
 # tab10, and tab20 for more than 8 agents, without grey (grey means control run) and olive (a status colour)
 AGENT_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:cyan")
@@ -337,20 +339,24 @@ def _table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def _lineage(promotions: pd.DataFrame, tests: dict[str, float]) -> str:
-    """One row per promotion; the test split's figures come from each baseline's first control run."""
-    if promotions.empty:
+def _lineage(lineage: pd.DataFrame, tests: dict[str, float]) -> str:
+    """One row per change of the baseline: promotions with their figures, hand edits without (no decision made
+    them); the test split's figures come from each baseline's first control run."""
+    if lineage.empty:
         return "No promotions yet."
 
-    def test_cells(p) -> list[str]:
+    def cells(p) -> list[str]:
         new, old = tests.get(p.new_baseline), tests.get(p.old_baseline)
-        return ["not scored" if new is None else _num(new),
-                "not scored" if new is None or old is None else _num(old - new, sign=True)]
+        test = "not scored" if new is None else _num(new)
+        if p.kind == "hand_edit":
+            changed = " (+{} -{} lines)".format(*diff_size(p.diff)) if isinstance(p.diff, str) else ""
+            return ["hand edit", NONE, f"edited by hand: {p.old_baseline} -> {p.new_baseline}{changed}", NONE, NONE,
+                    test, NONE, NONE, NONE]
+        return [_name(p.candidate_id), _name(p.agent), _short(p.description), _num(p.gain, sign=True),
+                _num(p.new_mean), test, "not scored" if new is None or old is None else _num(old - new, sign=True),
+                f"{_num(p.n_candidate, 0)} vs {_num(p.n_baseline, 0)}", _num(p.sigma)]
 
-    rows = [[i + 1, _when(p.promoted_at), _name(p.candidate_id), _name(p.agent), _short(p.description),
-             _num(p.gain, sign=True), _num(p.new_mean), *test_cells(p),
-             f"{_num(p.n_candidate, 0)} vs {_num(p.n_baseline, 0)}", _num(p.sigma)]
-            for i, p in enumerate(promotions.itertuples())]
+    rows = [[i + 1, _when(p.promoted_at), *cells(p)] for i, p in enumerate(lineage.itertuples())]
     headers = ["#", "time (UTC)", "candidate", "agent", "message", "gain (val)", "val bpc", "test bpc",
                "gain (test)", "n (cand vs base)", "σ"]
     return _table(headers, rows)
@@ -469,7 +475,7 @@ def _gpu_share(trials: pd.DataFrame) -> str:
             + _table(["node", "gpu", "trials", "busy h", "share"], rows))
 
 
-def _summary(trials: pd.DataFrame, promotions: pd.DataFrame, steps: pd.DataFrame) -> str:
+def _summary(trials: pd.DataFrame, promotions: pd.DataFrame, lineage: pd.DataFrame, steps: pd.DataFrame) -> str:
     scored = _scored(trials)
     head = f"{_plural(len(trials), 'trial')} ({len(scored)} scored), {_plural(len(promotions), 'promotion')}"
     if len(scored):
@@ -479,7 +485,7 @@ def _summary(trials: pd.DataFrame, promotions: pd.DataFrame, steps: pd.DataFrame
         head += f", baseline now {_num(steps['mean'].iloc[-1])}"
     sections = [
         "# Research report", head + ".",
-        "## Lineage", _lineage(promotions, test_scores(trials)),
+        "## Lineage", _lineage(lineage, test_scores(trials)),
         "## Agents", _agents(trials, promotions, steps),
         "## Near misses", _near_misses(trials, promotions),
         "## GPU busy share", _gpu_share(trials),
@@ -503,7 +509,7 @@ def write_report(results: Path, out: Path | None = None) -> dict:
     png, timeline, summary = out / "progress.png", out / "timeline.png", out / "summary.md"
     _plot_progress(trials, promotions, steps, png)
     _plot_timeline(trials, timeline)
-    summary.write_text(_summary(trials, promotions, steps), encoding="utf-8")
+    summary.write_text(_summary(trials, promotions, read_lineage(results), steps), encoding="utf-8")
     scored = _scored(trials)
     return {
         "png": png, "timeline": timeline, "summary": summary, "trials": len(trials), "scored": len(scored),

@@ -125,12 +125,15 @@ def read_trials(results: Path) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------
-# Promotions: one row each time the selection actor replaces the baseline
+# The lineage: one row each time the baseline changes, by a promotion or by a hand edit
 # ---------------------------------------------------------------------------
 
+LINEAGE_KINDS = ("promotion", "hand_edit")  # the selection actor promoted a candidate; train.py was edited by hand
+
 PROMOTION_SCHEMA = pa.schema([
-    ("promoted_at", _TIME),
-    ("candidate_id", pa.string()),
+    ("promoted_at", _TIME),           # when the baseline changed (a hand edit: when it was noticed)
+    ("kind", pa.string()),            # one of LINEAGE_KINDS; null in files written before hand edits were recorded
+    ("candidate_id", pa.string()),    # null for a hand edit
     ("agent", pa.string()),
     ("description", pa.string()),
     ("old_baseline", pa.string()),
@@ -144,6 +147,7 @@ PROMOTION_SCHEMA = pa.schema([
     ("sigma", pa.float64()),          # pooled run-to-run σ used by the test
     ("threshold", pa.float64()),      # gain that was needed
     ("reason", pa.string()),
+    ("diff", pa.string()),            # unified diff from the old baseline to the new, cut at custody.MAX_DIFF_CHARS
 ])
 
 
@@ -158,9 +162,24 @@ def promotions_dir(results: Path) -> Path:
 
 
 def write_promotion(results: Path, event: dict) -> Path:
+    """Write one lineage entry (a promotion unless its `kind` says otherwise)."""
+    event = {"kind": "promotion", **event}
+    if event["kind"] not in LINEAGE_KINDS:
+        raise ValueError(f"lineage kind {event['kind']!r} is not one of {LINEAGE_KINDS}")
     stamp = event["promoted_at"].strftime("%Y%m%dT%H%M%S%f")
-    return _write_one(promotions_dir(results), f"{stamp}-{event['candidate_id']}", event, PROMOTION_SCHEMA)
+    name = event.get("candidate_id") or f"{event['kind']}-{event['new_baseline']}"
+    return _write_one(promotions_dir(results), f"{stamp}-{name}", event, PROMOTION_SCHEMA)
+
+
+def read_lineage(results: Path) -> pd.DataFrame:
+    """Every change of the baseline, oldest first: promotions and hand edits (`kind`). Files written before the
+    columns `kind` and `diff` existed read as promotions without a diff."""
+    lineage = _read_all(promotions_dir(results), PROMOTION_SCHEMA, "promoted_at")
+    lineage["kind"] = lineage["kind"].fillna("promotion")
+    return lineage
 
 
 def read_promotions(results: Path) -> pd.DataFrame:
-    return _read_all(promotions_dir(results), PROMOTION_SCHEMA, "promoted_at")
+    """The promotions alone (the lineage without hand edits): what the selection actor decided."""
+    lineage = read_lineage(results)
+    return lineage[lineage["kind"] == "promotion"].reset_index(drop=True)

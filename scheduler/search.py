@@ -3,7 +3,8 @@
 Tune asks `suggest()` several times a second. Each time (at most every
 SCAN_EVERY seconds) it lets intake claim new files from candidates/, then takes
 the next queue entry and returns its trial config, which carries the
-candidate's source so that any node can run it. None means "ask again later";
+candidate's source so that any node can run it (or, when its archived copy no
+longer matches its sha256 name, why it is refused). None means "ask again later";
 FINISHED ends the experiment once the running trials are done: on a drain
 request (`stop`, first Ctrl-C), or with --exit-when-idle when nothing is queued,
 running or waiting in candidates/.
@@ -21,6 +22,7 @@ from ray.tune.search import Searcher
 
 from scheduler import control, intake, queue
 from scheduler.console import say
+from scheduler.custody import SourceRefused, read_archived, source_path
 from scheduler.layout import Layout
 
 SCAN_EVERY = 0.5  # seconds between looks at candidates/
@@ -62,15 +64,17 @@ class QueueSearcher(Searcher):
         return info["baseline"]
 
     def _config(self, layout: Layout, entry: queue.Entry, baseline: str) -> dict:
-        for folder in (layout.sources, layout.baselines):
-            path = folder / f"{entry.source_sha256}.py"
-            if path.exists():
-                source = path.read_text(encoding="utf-8")
-                break
-        else:
-            raise FileNotFoundError(f"source {entry.source_sha256} of {entry.trial_id} is not archived")
-        return {**vars(entry), **self.settings, "source": source, "baseline": baseline,
-                "data_dir": str(layout.data), "runs_dir": str(layout.runs)}
+        """The trial's config: the queue entry, the settings, and the source it runs, read from the archive and
+        checked against its sha256 name. A source that fails the check is not handed over: the config carries
+        `refused` (the reason, which names the file) instead of `source`, and the trial must not run anything
+        but report a row with status `refused` and that reason."""
+        config = {**vars(entry), **self.settings, "baseline": baseline, "data_dir": str(layout.data),
+                  "runs_dir": str(layout.runs)}
+        try:
+            config["source"] = read_archived(source_path(layout, entry.kind, entry.source_sha256)).decode("utf-8")
+        except SourceRefused as refused:
+            config["refused"] = str(refused)
+        return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         pass  # the result callback records the trial and clears its queue entry

@@ -2,45 +2,104 @@
 
 Every finished trial is sent here (`record`). Scores feed the promotion rule
 in scheduler/promotion.py; its verdicts queue confirmation reruns (ahead of
-new candidates), drop reruns that are no longer needed, or promote: train.py
-is replaced atomically under a file lock, the old one stays archived under
-results/baselines/, and a promotion row is written. Control runs of the
-baseline are queued when the rule wants them (first of all when the baseline
-has no score yet). The first control run of each baseline also scores the test
-split, once: a fresh run, not one selected for a good score, so the lineage
-shows whether gains on validation hold on test.
+new candidates), drop reruns that are no longer needed, or promote: the
+candidate's archived source, checked against its sha256 name, becomes train.py
+through scheduler/custody.py (archived, replaced atomically under a lock), and a
+lineage row is written with the diff. Control runs of the baseline are queued
+when the rule wants them (first of all when the baseline has no score yet), and
+count only for the baseline whose source they ran. The first control run of
+each baseline also scores the test split, once: a fresh run, not one selected
+for a good score, so the lineage shows whether gains on validation hold on test.
 
-All state lives in results/selection.json, rewritten after every change, so
-a relaunch, or Ray restarting a killed actor, restores it exactly. In Ray the
-class runs as one named actor, `selection` (see `selection_actor`).
+`sync_baseline` (launch start, and before each trial) compares train.py with
+the baseline: an edit by hand is adopted as the new, unscored baseline and
+recorded in the lineage as a hand edit with its diff; a broken or missing
+train.py is restored from the archive.
+
+All state lives in results/selection.json (`State`), rewritten after every
+change, so a relaunch, or Ray restarting a killed actor, restores it exactly.
+In Ray the class runs as one named actor, `selection` (see `selection_actor`).
 """
 
 from __future__ import annotations
 
 import ast
 import json
-import os
-import subprocess
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from filelock import FileLock
-
 from scheduler import queue, results
+from scheduler.custody import Custody, SourceRefused, baseline_diff, diff_size, write_atomic
 from scheduler.layout import Layout, baseline_id, sha256_bytes
-from scheduler.promotion import PromotionRule, RuleConfig, Verdict
+from scheduler.promotion import Judgement, PromotionRule, RuleConfig, Verdict
 
 ACTOR_NAME = "selection"
 MAX_FAILED_CONTROLS = 2  # a baseline that fails this many control runs in a row is not run again by itself
+HAND_EDIT = "edited by hand"  # the description of a hand edit in the lineage
+
+
+@dataclass
+class Candidate:
+    """What the selection knows of one candidate: its scores per GPU type, its reruns still to come, whether
+    it is decided, and what its rows said of it (for its reruns and its promotion)."""
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    runs: int = 0  # rows recorded, failed runs included (numbers its reruns)
+    outstanding: int = 0
+    done: bool = False
+    agent: str | None = None
+    description: str | None = None
+    source_sha256: str | None = None
+    parent: str | None = None
+
+    def failed(self) -> int:
+        """Its runs that gave no score."""
+        return self.runs - sum(len(s) for s in self.scores.values())
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "Candidate":
+        """From selection.json; files written before this class kept the row's fields under "meta" and did not
+        count runs (their scores are the best count there is)."""
+        runs = saved.get("runs", sum(len(s) for s in saved["scores"].values()))
+        return cls(**{k: v for k, v in saved.items() if k not in ("meta", "runs")}, **saved.get("meta", {}),
+                   runs=runs)
+
+
+@dataclass
+class State:
+    """Everything the selection actor keeps in results/selection.json."""
+    rule: dict = field(default_factory=dict)  # PromotionRule.to_dict(): baseline scores and noise, per GPU type
+    rule_config: dict = field(default_factory=dict)  # the rule's settings (`status` reads them)
+    baseline_sha: str | None = None
+    candidates: dict[str, Candidate] = field(default_factory=dict)
+    trials_since_control: int = 0
+    controls: int = 0  # control runs queued so far (numbers their trial ids)
+    failed_controls: int = 0  # in a row, of the current baseline
+    test_scored: list[str] = field(default_factory=list)  # baselines scored on the test split
+    # Ray re-sends a call that was running when the actor died: the one trial recorded last is not counted twice
+    last_recorded: str | None = None
+    # set while a promotion replaces train.py: an actor that died meanwhile finishes the job when it restarts
+    installing: bool = False
+
+    @classmethod
+    def load(cls, path: Path) -> "State":
+        if not path.exists():
+            return cls()
+        saved = json.loads(path.read_text())
+        state = cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+        state.candidates = {cid: Candidate.from_saved(c) for cid, c in state.candidates.items()}
+        return state
+
+    def save(self, path: Path) -> None:
+        write_atomic(path, json.dumps(asdict(self), indent=1).encode())
 
 
 def saved_rule(state_path: Path) -> PromotionRule | None:
     """The promotion rule as the selection actor last saved it (settings, scores, noise); None before any launch."""
     if not state_path.exists():
         return None
-    state = json.loads(state_path.read_text())
-    return PromotionRule(RuleConfig(**state.get("rule_config", {})), state.get("rule"))
+    state = State.load(state_path)
+    return PromotionRule(RuleConfig(**state.rule_config), state.rule)
 
 
 def usable_baseline(source: bytes) -> str | None:
@@ -55,73 +114,89 @@ def usable_baseline(source: bytes) -> str | None:
 
 
 class Selection:
+    """The promotion rule's state and its decisions; the writes of train.py itself are in custody
+    (scheduler/custody.py)."""
+
     def __init__(self, root: str, rule: dict | None = None, git_commit: bool = False) -> None:
         self.layout = Layout.at(root)
-        self.git_commit = git_commit
+        self.custody = Custody(self.layout, git_commit)
         self.rule_config = RuleConfig(**(rule or {}))
-        path = self.layout.selection_state
-        state = json.loads(path.read_text()) if path.exists() else {}
-        self.rule = PromotionRule(self.rule_config, state.get("rule"))
-        self.baseline_sha: str | None = state.get("baseline_sha")
-        self.candidates: dict[str, dict] = state.get("candidates", {})   # id -> {scores: {gpu: [...]}, outstanding, done}
-        self.trials_since_control: int = state.get("trials_since_control", 0)
-        self.controls: int = state.get("controls", 0)
-        self.failed_controls: int = state.get("failed_controls", 0)
-        self.test_scored: list[str] = state.get("test_scored", [])  # baselines scored on the test split
-        # Ray re-sends a call that was running when the actor died: the one trial recorded last is not counted twice
-        self.last_recorded: str | None = state.get("last_recorded")
+        self.state = State.load(self.layout.selection_state)
+        self.rule = PromotionRule(self.rule_config, self.state.rule)
         self.notes: list[str] = []
 
     # ------------------------------------------------------------------ state
 
     def _save(self) -> None:
-        state = {"rule": self.rule.to_dict(), "baseline_sha": self.baseline_sha, "candidates": self.candidates,
-                 "trials_since_control": self.trials_since_control, "controls": self.controls,
-                 "failed_controls": self.failed_controls, "last_recorded": self.last_recorded,
-                 "test_scored": self.test_scored,
-                 "rule_config": asdict(self.rule_config)}
-        path = self.layout.selection_state
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, path)
+        self.state.rule, self.state.rule_config = self.rule.to_dict(), asdict(self.rule_config)
+        self.state.save(self.layout.selection_state)
 
     def baseline(self) -> str:
-        return baseline_id(self.baseline_sha)
-
-    def _archive_baseline(self, source: bytes) -> str:
-        sha = sha256_bytes(source)
-        self.layout.baselines.mkdir(parents=True, exist_ok=True)
-        path = self.layout.baselines / f"{sha}.py"
-        if not path.exists():
-            path.write_bytes(source)
-        return sha
+        return baseline_id(self.state.baseline_sha)
 
     def sync_baseline(self) -> dict:
         """Check train.py against the recorded baseline (launch start, and before each trial).
 
-        An edit by hand that still works becomes the new (unscored) baseline; a
-        missing or broken train.py is restored from the archive, and the note says so.
+        An edit by hand that still works becomes the new (unscored) baseline and
+        is recorded in the lineage with its diff; a missing or broken train.py is
+        restored from the archive. The notes say what happened.
         """
-        path = self.layout.baseline
-        source = path.read_bytes() if path.exists() else None
+        if self.state.installing:
+            self._restore("the selection actor stopped while it installed a promotion")
+        source = self.custody.current()
         problem = "it is missing" if source is None else usable_baseline(source)
         if problem is None:
-            sha = sha256_bytes(source)
-            if sha != self.baseline_sha:
-                self._archive_baseline(source)
-                if self.baseline_sha:  # edited by hand: the old scores belong to another model
-                    self.rule.new_baseline()
-                self.baseline_sha, self.failed_controls = sha, 0
+            if sha256_bytes(source) != self.state.baseline_sha:
+                if self.state.baseline_sha:
+                    self._record_hand_edit(source)
+                else:  # the first baseline of this results folder
+                    self.state.baseline_sha = self.custody.archive(source)
                 self._save()
-        elif self.baseline_sha:
-            archived = (self.layout.baselines / f"{self.baseline_sha}.py").read_bytes()
-            self._write_train_py(archived)
-            self.notes.append(f"train.py was unusable ({problem}); restored baseline {self.baseline()} from the archive")
+        elif self.state.baseline_sha:
+            self._restore(f"train.py was unusable ({problem})")
         else:
-            raise RuntimeError(f"{path} cannot be the baseline: {problem}. Put a working train.py there.")
+            raise RuntimeError(f"{self.layout.baseline} cannot be the baseline: {problem}. Put a working train.py "
+                               f"there.")
         if not self.rule.gpus() and not self._control_queued():
             self._queue_control()  # the first thing to do with an unscored baseline: run it
-        return {"baseline": self.baseline(), "sha": self.baseline_sha, "notes": self._take_notes()}
+        return {"baseline": self.baseline(), "sha": self.state.baseline_sha, "notes": self._take_notes()}
+
+    def _restore(self, why: str) -> None:
+        try:
+            self.custody.restore(self.state.baseline_sha)
+        except SourceRefused as refused:
+            self.notes.append(f"{why}, and it cannot be restored: {refused}. Put a working train.py back by hand")
+            return
+        self.state.installing = False
+        self._save()
+        self.notes.append(f"{why}; restored baseline {self.baseline()} from the archive")
+
+    def _record_hand_edit(self, source: bytes) -> None:
+        """train.py was changed outside the selection actor: it becomes the baseline, recorded as a hand edit.
+        The old scores belong to another model, so the new baseline starts unscored."""
+        old = self.baseline()
+        diff = self._change_baseline(source)
+        self.rule.new_baseline()
+        results.write_promotion(self.layout.results, {
+            "promoted_at": results.now(), "kind": "hand_edit", "description": HAND_EDIT, "old_baseline": old,
+            "new_baseline": self.baseline(), "diff": diff})
+        added, removed = diff_size(diff)
+        self.notes.append(f"train.py was edited by hand: baseline {old} -> {self.baseline()} (+{added} -{removed} "
+                          f"lines), recorded in the lineage with its diff (`python -m scheduler baseline`); "
+                          f"it is unscored until its control runs")
+
+    def _change_baseline(self, source: bytes) -> str:
+        """Archive `source` and make it the baseline; returns the diff from the old one. Control runs of the old
+        baseline still queued are dropped: they would score a model that is no longer the baseline."""
+        old_sha, old = self.state.baseline_sha, self.baseline()
+        new_sha = self.custody.archive(source)
+        try:
+            diff = baseline_diff(self.custody.baseline_source(old_sha), source, old, baseline_id(new_sha))
+        except SourceRefused as refused:
+            diff = f"no diff: {refused}"
+        queue.drop(self.layout, old)
+        self.state.baseline_sha, self.state.failed_controls = new_sha, 0
+        return diff
 
     def _take_notes(self) -> list[str]:
         notes, self.notes = self.notes, []
@@ -130,20 +205,24 @@ class Selection:
     # ------------------------------------------------------------------ queueing
 
     def _control_queued(self) -> bool:
-        return any(e.kind == "control" for e in queue.pending(self.layout) + queue.running(self.layout))
+        """Is a control run of the current baseline queued or running?"""
+        return any(e.kind == "control" and e.candidate_id == self.baseline()
+                   for e in queue.pending(self.layout) + queue.running(self.layout))
 
     def _queue_control(self) -> None:
-        if self.failed_controls >= MAX_FAILED_CONTROLS:
-            self.notes.append(f"the baseline failed its last {self.failed_controls} control runs: see "
+        if self.state.failed_controls >= MAX_FAILED_CONTROLS:
+            self.notes.append(f"the baseline failed its last {self.state.failed_controls} control runs: see "
                               f"`python -m scheduler show {self.baseline()}` and fix train.py")
             return
-        self.controls += 1
+        self.state.controls += 1
         queue.push(self.layout, queue.Entry(
-            trial_id=f"{self.baseline()}-c{self.controls}", candidate_id=self.baseline(), kind="control",
-            source_sha256=self.baseline_sha, agent="baseline", parent=self.baseline(),
-            description="control run of the baseline", seed=sum(len(self.rule.baseline_scores(g)) for g in self.rule.gpus()),
-            submitted_at=time.time(), score_test=self.baseline() not in self.test_scored), priority=queue.URGENT)
-        self.trials_since_control = 0
+            trial_id=f"{self.baseline()}-c{self.state.controls}", candidate_id=self.baseline(), kind="control",
+            source_sha256=self.state.baseline_sha, agent="baseline", parent=self.baseline(),
+            description="control run of the baseline",
+            seed=sum(len(self.rule.baseline_scores(g)) for g in self.rule.gpus()),
+            submitted_at=time.time(), score_test=self.baseline() not in self.state.test_scored),
+            priority=queue.URGENT)
+        self.state.trials_since_control = 0
         self._save()
 
     # ------------------------------------------------------------------ decisions
@@ -151,131 +230,140 @@ class Selection:
     def record(self, row: dict) -> dict:
         """Take one finished trial's row; returns what was decided."""
         gpu, kind, status = row.get("gpu_name") or "unknown", row["kind"], row["status"]
-        if row["trial_id"] == self.last_recorded:
+        if row["trial_id"] == self.state.last_recorded:
             return {"decision": "already recorded"}
-        self.last_recorded = row["trial_id"]
+        self.state.last_recorded = row["trial_id"]
         if kind == "control":
-            if row.get("baseline") != self.baseline():
-                return {"decision": "control run of an older baseline, not counted"}
-            if status == "ok":
-                self.failed_controls = 0
-                self.rule.add_baseline_score(gpu, row["val_bpc"])
-                if row.get("test_bpc") is not None and self.baseline() not in self.test_scored:
-                    self.test_scored.append(self.baseline())
-                self._save()
-                return self._rejudge_waiting(gpu)
-            self.failed_controls += 1
-            self._save()
-            return {"decision": "control run not counted", "status": status}
+            return self._record_control(row, gpu)
 
-        self.trials_since_control += 1
-        candidate = self.candidates.setdefault(row["candidate_id"], {"scores": {}, "outstanding": 0, "done": False,
-                                                                      "meta": {}})
-        candidate["meta"] = {k: row.get(k) for k in ("agent", "description", "source_sha256", "parent")}
+        self.state.trials_since_control += 1
+        candidate = self.state.candidates.setdefault(row["candidate_id"], Candidate())
+        candidate.runs += 1
+        candidate.agent, candidate.description = row.get("agent"), row.get("description")
+        candidate.source_sha256, candidate.parent = row.get("source_sha256"), row.get("parent")
         if kind == "confirm":
-            candidate["outstanding"] = max(0, candidate["outstanding"] - 1)
-        if candidate["done"]:
+            candidate.outstanding = max(0, candidate.outstanding - 1)
+        if candidate.done:
             self._save()
             return {"decision": "already decided"}
         if status == "ok":
-            candidate["scores"].setdefault(gpu, []).append(row["val_bpc"])
+            candidate.scores.setdefault(gpu, []).append(row["val_bpc"])
         decision = self._judge(row["candidate_id"], gpu)
-        if self.rule.wants_control(gpu, self.trials_since_control) and not self._control_queued():
+        if self.rule.wants_control(gpu, self.state.trials_since_control) and not self._control_queued():
             self._queue_control()
         self._save()
         return decision
 
+    def _record_control(self, row: dict, gpu: str) -> dict:
+        # A control run's candidate_id is the baseline whose source it ran: one queued before a promotion or a
+        # hand edit and run after it scored the old model, whatever baseline was current when it started.
+        if row["candidate_id"] != self.baseline():
+            self._save()
+            return {"decision": f"control run of {row['candidate_id']}, not the current baseline: not counted"}
+        if row["status"] != "ok":
+            self.state.failed_controls += 1
+            self._save()
+            return {"decision": "control run not counted", "status": row["status"]}
+        self.state.failed_controls = 0
+        self.rule.add_baseline_score(gpu, row["val_bpc"])
+        if row.get("test_bpc") is not None and self.baseline() not in self.state.test_scored:
+            self.state.test_scored.append(self.baseline())
+        self._save()
+        return self._rejudge_waiting(gpu)
+
     def _rejudge_waiting(self, gpu: str) -> dict:
         decisions = {}
-        for cid, candidate in self.candidates.items():
-            if not candidate["done"] and candidate["scores"].get(gpu) and candidate["outstanding"] == 0:
+        for cid, candidate in self.state.candidates.items():
+            if not candidate.done and candidate.scores.get(gpu) and candidate.outstanding == 0:
                 decisions[cid] = self._judge(cid, gpu)
         self._save()
         return {"decision": "baseline scored", "rejudged": decisions}
 
     def _judge(self, cid: str, gpu: str) -> dict:
-        candidate = self.candidates[cid]
-        scores = candidate["scores"].get(gpu, [])
+        candidate = self.state.candidates[cid]
+        scores = candidate.scores.get(gpu, [])
         if not scores:
-            if candidate["outstanding"] == 0:
-                candidate["done"] = True
+            if candidate.outstanding == 0:
+                candidate.done = True
                 return {"decision": "reject", "reason": "no successful run to judge"}
             return {"decision": "pending", "reason": "no successful run yet"}
         judgement = self.rule.judge(gpu, scores)
-        verdict = judgement.verdict
+        verdict, reason = judgement.verdict, judgement.reason
         if verdict == Verdict.PENDING and not self.rule.baseline_scores(gpu):
             if not self._control_queued():
                 self._queue_control()
-        elif verdict == Verdict.PENDING and candidate["outstanding"] == 0:
+        elif verdict == Verdict.PENDING and candidate.outstanding == 0:
             verdict = Verdict.REJECT  # its reruns failed: nothing more will come
+        elif verdict == Verdict.CONFIRM and len(scores) == 1 and candidate.failed():
+            # its first run screened and its reruns so far all failed (crashed, refused): screening it again would
+            # queue reruns for ever; it is rejected once those still queued are in, unless one of them scores
+            verdict = Verdict.PENDING if candidate.outstanding else Verdict.REJECT
+            reason = "its first run screened well, and its reruns failed" if verdict == Verdict.REJECT else reason
         if verdict == Verdict.CONFIRM:
             if judgement.control and not self._control_queued():
                 self._queue_control()  # queued first, so the baseline's run comes before the reruns
             for i in range(judgement.reruns):
-                run = len(scores) + candidate["outstanding"] + 1
-                meta = candidate["meta"]
+                run = candidate.runs + candidate.outstanding + 1
                 queue.push(self.layout, queue.Entry(
-                    trial_id=f"{cid}-r{run}", candidate_id=cid, kind="confirm", source_sha256=meta["source_sha256"],
-                    agent=meta["agent"] or "", parent=meta["parent"] or "", description=meta["description"] or "",
-                    seed=run - 1, submitted_at=time.time()), priority=queue.URGENT)
-                candidate["outstanding"] += 1
+                    trial_id=f"{cid}-r{run}", candidate_id=cid, kind="confirm", source_sha256=candidate.source_sha256,
+                    agent=candidate.agent or "", parent=candidate.parent or "",
+                    description=candidate.description or "", seed=run - 1, submitted_at=time.time()),
+                    priority=queue.URGENT)
+                candidate.outstanding += 1
         elif verdict == Verdict.PROMOTE:
-            self._promote(cid, gpu, scores, judgement)
+            refused = self._promote(cid, gpu, scores, judgement)
+            if refused:
+                return {"decision": Verdict.REJECT.value, "reason": refused}
         elif verdict == Verdict.REJECT:
-            candidate["done"] = True
+            candidate.done = True
             queue.drop(self.layout, cid)
             self.rule.add_within_variance(gpu, scores)
-        return {"decision": verdict.value, "reason": judgement.reason}
+        return {"decision": verdict.value, "reason": reason}
 
-    def _promote(self, cid: str, gpu: str, scores: list[float], judgement) -> None:
-        candidate = self.candidates[cid]
-        source = (self.layout.sources / f"{candidate['meta']['source_sha256']}.py").read_bytes()
-        old = self.baseline()
-        self._archive_baseline(source)
-        self._write_train_py(source)
-        self.baseline_sha, self.failed_controls = sha256_bytes(source), 0
-        self.rule.promote(gpu, scores)
-        candidate["done"] = True
+    def _promote(self, cid: str, gpu: str, scores: list[float], judgement: Judgement) -> str | None:
+        """Make the candidate the baseline; returns why not when its archived source is refused (it is then
+        rejected, and its scores are not kept as noise evidence: they may not be of the source's model)."""
+        candidate = self.state.candidates[cid]
+        candidate.done = True
         queue.drop(self.layout, cid)
-        meta = candidate["meta"]
+        try:
+            source = self.custody.candidate_source(candidate.source_sha256)
+        except SourceRefused as refused:
+            reason = f"promotion refused: {refused}"
+            self.notes.append(f"{cid} ({candidate.agent}) was not promoted: {reason}")
+            return reason
+        old = self.baseline()
+        diff = self._change_baseline(source)
+        self.rule.promote(gpu, scores)
+        # Lineage first, then the state saved as installing, then train.py: an actor killed in between finishes
+        # the install when it restarts (sync_baseline), instead of taking the old train.py for a hand edit.
         results.write_promotion(self.layout.results, {
-            "promoted_at": results.now(), "candidate_id": cid, "agent": meta["agent"],
-            "description": meta["description"], "old_baseline": old, "new_baseline": self.baseline(),
+            "promoted_at": results.now(), "kind": "promotion", "candidate_id": cid, "agent": candidate.agent,
+            "description": candidate.description, "old_baseline": old, "new_baseline": self.baseline(),
             "gpu_name": gpu, "old_mean": judgement.baseline_mean, "new_mean": judgement.candidate_mean,
             "gain": judgement.baseline_mean - judgement.candidate_mean, "n_candidate": judgement.n_candidate,
             "n_baseline": judgement.n_baseline, "sigma": judgement.sigma, "threshold": judgement.threshold,
-            "reason": judgement.reason,
+            "reason": judgement.reason, "diff": diff,
         })
-        if self.git_commit:
-            self._commit(cid, meta, judgement)
-
-    def _write_train_py(self, source: bytes) -> None:
-        """Replace train.py atomically: temporary file, fsync, rename, under a lock shared with readers."""
-        path = self.layout.baseline
-        with FileLock(str(self.layout.results / "train.py.lock")):
-            tmp = path.with_name(f".{path.name}.tmp")
-            with open(tmp, "wb") as out:
-                out.write(source)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-
-    def _commit(self, cid: str, meta: dict, judgement) -> None:
-        message = (f"Promote {cid} ({meta['agent']}): {meta['description']}\n\n"
-                   f"val bpc {judgement.baseline_mean:.4f} -> {judgement.candidate_mean:.4f} "
-                   f"(gain {judgement.baseline_mean - judgement.candidate_mean:.4f}, n={judgement.n_candidate})")
-        done = subprocess.run(["git", "commit", "-m", message, "--", "train.py"], cwd=self.layout.root,
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            self.notes.append(f"git commit of the promotion failed: {done.stderr.strip()[:200]}")
+        self.state.installing = True
+        self._save()
+        self.custody.install(source)
+        self.state.installing = False
+        failed = self.custody.commit(
+            f"Promote {cid} ({candidate.agent}): {candidate.description}\n\n"
+            f"val bpc {judgement.baseline_mean:.4f} -> {judgement.candidate_mean:.4f} "
+            f"(gain {judgement.baseline_mean - judgement.candidate_mean:.4f}, n={judgement.n_candidate})")
+        if failed:
+            self.notes.append(f"git commit of the promotion failed: {failed}")
+        return None
 
     # ------------------------------------------------------------------ reading
 
     def summary(self) -> dict:
-        return {"baseline": self.baseline(), "baseline_sha": self.baseline_sha,
+        return {"baseline": self.baseline(), "baseline_sha": self.state.baseline_sha,
                 "scores": {g: self.rule.baseline_scores(g) for g in self.rule.gpus()},
                 "sigma": {g: self.rule.sigma(g) for g in self.rule.gpus()},
-                "undecided": [c for c, v in self.candidates.items() if not v["done"]],
+                "undecided": [c for c, v in self.state.candidates.items() if not v.done],
                 "notes": self._take_notes()}
 
 

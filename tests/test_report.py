@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scheduler.report import write_report
+from scheduler.report import FAILED, write_report
 from scheduler.results import write_promotion, write_row
 
 T0 = datetime(2025, 1, 1, 22, 0, tzinfo=timezone.utc)
@@ -152,9 +152,9 @@ def test_summary_sections_and_numbers(built):
         own = [r for r in data["rows"] if r["agent"] == agent]
         assert int(agents[agent][1]) == len(own)
         assert int(agents[agent][2]) == sum(r["status"] == "ok" for r in own)
-        assert int(agents[agent][3 + FAILURES.index("crash")]) == sum(r["status"] == "crash" for r in own)
-        assert int(agents[agent][10]) == sum(p["agent"] == agent for p in data["promotions"])
-        assert float(agents[agent][11]) == pytest.approx(sum(r["total_seconds"] for r in own) / 3600, abs=0.006)
+        assert int(agents[agent][3 + FAILED.index("crash")]) == sum(r["status"] == "crash" for r in own)
+        assert int(agents[agent][3 + len(FAILED)]) == sum(p["agent"] == agent for p in data["promotions"])
+        assert float(agents[agent][4 + len(FAILED)]) == pytest.approx(sum(r["total_seconds"] for r in own) / 3600, abs=0.006)
 
     near = _table_rows(_section(text, "Near misses"))
     assert len(near) == 10

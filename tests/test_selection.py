@@ -137,7 +137,7 @@ def test_a_failing_baseline_is_not_rerun_for_ever(tmp_path):
             selection.record({**row(entry.trial_id, base, "control", None, base), "status": "crash"})
         selection.sync_baseline()
     assert not queue.pending(layout)
-    assert selection.controls == 2
+    assert selection.state.controls == 2
     assert "failed its last 2 control runs" in " ".join(selection.summary()["notes"] + selection.sync_baseline()["notes"])
 
 
