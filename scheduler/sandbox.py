@@ -9,19 +9,21 @@ environment:
     proc = start_process(box.command([sys.executable, "train.py"]), work_dir, {**env, **box.env})
 
 Inside, the process sees the file system read-only. It can write its work
-folder (bound read-write at its real path) and a private /tmp and /dev/shm,
-and nothing else. It can read the train split and nothing else of the data
-folder. The launch root (results/, candidates/, the root train.py, other
-trials' folders), the data folder, the user's home (~/.ray, ~/.cache), Ray's
-temp folder and /run are each covered by an empty read-only tmpfs; only what
-the interpreter needs is put back read-only: the scheduler package's folder
-and the Python environment's folders that lie under a covered one. It has no
-network, its own pid, ipc and uts namespaces, a new session, no capabilities
-(also as root: a root process with capabilities could remount things
-writable) and no way to make a user namespace of its own. Of the GPU device
-nodes it gets its own GPU's /dev/nvidiaN and the shared control and uvm
-nodes. Killing the bwrap process kills every process of the sandbox, also
-those that left its session or process group.
+folder (bound read-write at the path the trial gives) and a private /tmp and
+/dev/shm, and nothing else. It can read the train split and nothing else of
+the data folder. The launch root (results/, candidates/, the root train.py,
+other trials' folders), the data folder, the user's home (~/.ray, ~/.cache),
+Ray's temp folder and /run are each covered by an empty read-only tmpfs; only
+what the interpreter needs is put back read-only: the scheduler package's
+folder and the Python environment's folders that lie under a covered one. It
+has no network, its own pid, ipc, uts and user namespaces, a new session, no
+capabilities (also as root: a root process with capabilities could remount
+things writable), no way to make a user namespace of its own, and a read-only
+/proc/sys. Of the GPU device nodes it gets its own GPU's /dev/nvidiaN and the
+shared control and uvm nodes, and the GPU is named by its UUID inside. Killing
+the bwrap process kills every process of the sandbox, also those that left its
+session or process group. Start it from the thread that waits for it: bwrap
+dies with the thread that started it (--die-with-parent).
 
 `resolve(mode)` is what `launch --sandbox auto|bwrap|none` asks first: it
 probes bwrap once, with the flags every trial uses, and raises SandboxError
