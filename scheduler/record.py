@@ -24,8 +24,6 @@ from scheduler.console import say
 from scheduler.layout import Layout
 from scheduler.selection import ACTOR_NAME
 
-ROW_FIELDS = ("trial_id", "candidate_id", "kind", "agent", "parent", "baseline", "description", "source_sha256", "seed",
-              "sandbox")
 WORKER_DIED = "The actor died unexpectedly"  # how Ray's error starts when the process running a trial is gone
 RETRY_SUFFIX = "-a2"                         # trial id of the one retry of an interrupted trial
 
@@ -97,7 +95,7 @@ class RecordResults(Callback):
 
         layout = self._layout()
         kill_marked(str(layout.runs / config["trial_id"]))
-        row = {key: config.get(key) for key in ROW_FIELDS}
+        row = {key: config.get(key) for key in results.CONFIG_COLUMNS}
         row.update(status="interrupted", reason=reason,
                    submitted_at=results.from_unix(config.get("submitted_at")), finished_at=results.now())
         retry = config.get("attempt", 1) == 1

@@ -65,6 +65,9 @@ SCHEMA = pa.schema([
     ("finished_at", _TIME),
 ])
 COLUMNS = SCHEMA.names
+# The columns a trial's row takes from its configuration (the queue entry and the launch's settings)
+CONFIG_COLUMNS = ("trial_id", "candidate_id", "kind", "agent", "parent", "baseline", "description", "source_sha256",
+                  "seed", "sandbox")
 
 
 def now() -> datetime:

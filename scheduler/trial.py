@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from scheduler import claims
+from scheduler.results import CONFIG_COLUMNS
 from scheduler.prepare import META_FILE
 from scheduler.protocol import (EXIT_EXPORT, EXIT_NAN, EXPORT_TAG, FAIL_TAG, OUT_DIR, PROGRESS_TAG,
                                 REFUSED_TAG, RESULT_FILE, STATS_FILE, WEIGHTS_FILE, WORK_DIR, evaluation_command,
@@ -232,8 +233,9 @@ def classify(code: int, lines: list[str]) -> tuple[str, str]:
     last = next((l.strip() for l in reversed(lines) if l.strip()), "")
     if code == EXIT_EXPORT:
         return "export_failed", last or "the model could not be exported"
-    if code < 0:
-        return "crash", f"killed by signal {-code}" + (f": {last}" if last else "")
+    signal_number = -code if code < 0 else code - 128 if 128 < code <= 192 else 0  # bwrap passes a signal on as 128+N
+    if signal_number:
+        return "crash", f"killed by signal {signal_number}" + (f": {last}" if last else "")
     return "crash", last or f"exit code {code} with no output"
 
 
@@ -256,6 +258,7 @@ def candidate_env(config: dict, out_dir: Path) -> dict:
     env.update({
         "PYTHONPATH": os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH", "")])),
         "PYTHONUNBUFFERED": "1",
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",  # as nvidia-smi and the sandbox count GPUs: training and evaluation agree
         "OMP_NUM_THREADS": str(config["omp_threads"]),
         "SCHEDULER_TRAIN_DATA": str(Path(config["data_dir"]) / "train.bin"),
         "SCHEDULER_BUDGET": str(config["budget"]),
@@ -316,15 +319,29 @@ def local_data(config: dict, shipped: list | None) -> str:
     return str(cache)
 
 
+def ray_temp_folder() -> Path:
+    """The temp folder of the Ray this worker belongs to (its sockets and session files), to hide from the candidate."""
+    try:
+        import ray
+
+        return Path(ray._private.worker.global_worker.node.get_temp_dir_path())
+    except Exception:  # not inside a Ray worker (a test calling run_trial directly): Ray's default
+        from scheduler.sandbox import RAY_TMP
+
+        return RAY_TMP
+
+
 def training_command(config: dict, work: Path, env: dict) -> tuple[list[str], dict]:
     """`python train.py` as the trial runs it: inside the sandbox unless the launch was told otherwise."""
     command = [sys.executable, "train.py"]
     if config["sandbox"] == "none":
         return command, env
-    from scheduler.sandbox import trial_sandbox
+    from scheduler.sandbox import Sandbox
 
-    jail = trial_sandbox(config, work, Path(config["data_dir"]) / "train.bin")
-    return jail.command(command), {**env, **jail.env}
+    box = Sandbox.for_trial(work=work, train_split=Path(config["data_dir"]) / "train.bin", root=Path(config["root"]),
+                            data=Path(config["data_dir"]), ray_tmp=ray_temp_folder(),
+                            gpu=env.get("CUDA_VISIBLE_DEVICES") if config["device"] == "cuda" else None)
+    return box.command(command), {**env, **box.env}
 
 
 def run_trial(config: dict, shipped: list | None = None) -> None:
@@ -332,6 +349,12 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
     from ray import tune
 
     started = time.time()
+    if config.get("refused"):  # its archived source no longer matches its sha256 name: nothing of it runs
+        tune.report({"phase": "done", "result_row": json.dumps({
+            **{key: config.get(key) for key in CONFIG_COLUMNS}, "status": "refused", "reason": config["refused"],
+            "gpu_name": gpu_name(config["device"]), "node": socket.gethostname(), "started_at": started,
+            "finished_at": time.time()})})
+        return
     config = {**config, "data_dir": local_data(config, shipped)}
     folder = Path(config["runs_dir"]) / config["trial_id"]
     work = folder / WORK_DIR
@@ -341,8 +364,7 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
     result_file = folder / RESULT_FILE
     env = candidate_env(config, out_dir)
     log = OutputLog(folder / "log.txt")
-    row = {key: config[key] for key in ("trial_id", "candidate_id", "kind", "agent", "parent", "baseline",
-                                        "description", "source_sha256", "seed", "sandbox")}
+    row = {key: config[key] for key in CONFIG_COLUMNS}
     row.update(gpu_id=os.environ.get("CUDA_VISIBLE_DEVICES", ""), node=socket.gethostname(),
                gpu_name=gpu_name(config["device"]), started_at=started)
 
