@@ -3,68 +3,82 @@
     import pandas as pd
     pd.read_parquet("results/trials")          # works while trials are still running
 
+    from scheduler import results
+    results.read_rows(Path("results"))         # the same rows as plain dicts, without pandas or pyarrow
+
 Every file dropped into candidates/ ends up as exactly one row (rejected files
 too), and every run of a candidate (first run, confirmation, control run of the
 baseline) is one row. Column types never depend on the data: missing values
 are nulls of the column's type.
+
+Each row, and each lineage row, is written twice: its Parquet file, which is the
+record, then the same values as JSON under results/index/ (timestamps as ISO text,
+NaN as null). The commands agents call all the time (`results`, `wait`, `status`)
+read the JSON: importing pyarrow and pandas and opening 200 Parquet files cost them
+1-2 s each, the JSON costs milliseconds. A row without its JSON (written before the
+index existed, or the JSON write failed) is read from its Parquet file, so the index
+can be deleted at any time.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import warnings
 from datetime import datetime, timezone
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-if TYPE_CHECKING:  # pyarrow's to_pandas() imports pandas when a frame is read; `submit` never spends 0.7 s on it
+if TYPE_CHECKING:  # imported only where a file is written or a frame is read: `submit` and `status` never pay for them
     import pandas as pd
+    import pyarrow as pa
+
+INDEX = "index"  # results/index/<trials|promotions>/<name>.json: each row again as JSON, for the fast readers
 
 STATUSES = ("ok", "crash", "oom", "timeout", "nan", "export_failed", "eval_failed", "refused", "rejected",
             "interrupted")
 KINDS = ("candidate", "confirm", "control")  # first run, extra seeds of a candidate, rerun of the baseline
 
-_TIME = pa.timestamp("us", tz="UTC")
-SCHEMA = pa.schema([
-    ("trial_id", pa.string()),        # one run; <candidate_id>-r<n>
-    ("candidate_id", pa.string()),
-    ("kind", pa.string()),            # one of KINDS
-    ("agent", pa.string()),
-    ("parent", pa.string()),          # the baseline the candidate was derived from
-    ("baseline", pa.string()),        # the baseline current when it ran (what it is judged against)
-    ("stale", pa.bool_()),            # parent is an older baseline
-    ("description", pa.string()),
-    ("source_sha256", pa.string()),
-    ("duplicate_of", pa.string()),    # for a rejected duplicate: the candidate it repeats
-    ("status", pa.string()),          # one of STATUSES
-    ("reason", pa.string()),          # one line: why it failed or was rejected
-    ("error_tail", pa.string()),      # last lines of its output when it failed
-    ("val_bpc", pa.float64()),
-    ("test_bpc", pa.float64()),       # only a baseline's first control run scores the test split
-    ("training_seconds", pa.float64()),
-    ("total_seconds", pa.float64()),  # trial start to result, evaluation included
-    ("eval_seconds", pa.float64()),
-    ("tokens", pa.int64()),
-    ("steps", pa.int64()),
-    ("parameters", pa.int64()),
-    ("peak_memory_mb", pa.float64()),
-    ("mfu_percent", pa.float64()),
-    ("tokens_per_second", pa.float64()),
-    ("precision", pa.string()),
-    ("gpu_name", pa.string()),
-    ("gpu_id", pa.string()),          # CUDA_VISIBLE_DEVICES the trial ran with
-    ("node", pa.string()),
-    ("seed", pa.int64()),
-    ("sandbox", pa.string()),         # what the candidate ran in: bwrap, or none (launch --sandbox none)
-    ("startup_seconds", pa.float64()),  # trial start to the first progress line, on the trial's own clock
-    ("submitted_at", _TIME),
-    ("started_at", _TIME),
-    ("finished_at", _TIME),
-])
-COLUMNS = SCHEMA.names
+TIME = "timestamp"  # microseconds, UTC
+_TRIAL_COLUMNS = [
+    ("trial_id", "string"),           # one run; <candidate_id>-r<n>
+    ("candidate_id", "string"),
+    ("kind", "string"),               # one of KINDS
+    ("agent", "string"),
+    ("parent", "string"),             # the baseline the candidate was derived from
+    ("baseline", "string"),           # the baseline current when it ran (what it is judged against)
+    ("stale", "bool"),                # parent is an older baseline
+    ("description", "string"),
+    ("source_sha256", "string"),
+    ("duplicate_of", "string"),       # for a rejected duplicate: the candidate it repeats
+    ("status", "string"),             # one of STATUSES
+    ("reason", "string"),             # one line: why it failed or was rejected
+    ("error_tail", "string"),         # last lines of its output when it failed
+    ("val_bpc", "float64"),
+    ("test_bpc", "float64"),          # only a baseline's first control run scores the test split
+    ("training_seconds", "float64"),
+    ("total_seconds", "float64"),     # trial start to result, evaluation included
+    ("eval_seconds", "float64"),
+    ("tokens", "int64"),
+    ("steps", "int64"),
+    ("parameters", "int64"),
+    ("peak_memory_mb", "float64"),
+    ("mfu_percent", "float64"),
+    ("tokens_per_second", "float64"),
+    ("precision", "string"),
+    ("gpu_name", "string"),
+    ("gpu_id", "string"),             # CUDA_VISIBLE_DEVICES the trial ran with
+    ("node", "string"),
+    ("seed", "int64"),
+    ("sandbox", "string"),            # what the candidate ran in: bwrap, or none (launch --sandbox none)
+    ("startup_seconds", "float64"),   # trial start to the first progress line, on the trial's own clock
+    ("submitted_at", TIME),
+    ("started_at", TIME),
+    ("finished_at", TIME),
+]
+COLUMNS = [name for name, _ in _TRIAL_COLUMNS]
 # The columns a trial's row takes from its configuration (the queue entry and the launch's settings)
 CONFIG_COLUMNS = ("trial_id", "candidate_id", "kind", "agent", "parent", "baseline", "description", "source_sha256",
                   "seed", "sandbox")
@@ -82,8 +96,58 @@ def trials_dir(results: Path) -> Path:
     return results / "trials"
 
 
-def _write_one(folder: Path, name: str, record: dict, schema: pa.Schema) -> Path:
-    """One record as its own Parquet file, atomically: temporary file, fsync, rename."""
+_ARROW_TYPES = {"string": "string", "bool": "bool_", "float64": "float64", "int64": "int64"}
+
+
+@cache
+def _arrow_schema(columns: tuple[tuple[str, str], ...]) -> pa.Schema:
+    import pyarrow as pa
+
+    def arrow_type(name: str) -> pa.DataType:
+        return pa.timestamp("us", tz="UTC") if name == TIME else getattr(pa, _ARROW_TYPES[name])()
+
+    return pa.schema([(column, arrow_type(kind)) for column, kind in columns])
+
+
+def __getattr__(name: str):
+    """SCHEMA and PROMOTION_SCHEMA, the pyarrow schemas, built on first use (pyarrow costs 0.15 s to import)."""
+    if name == "SCHEMA":
+        return _arrow_schema(tuple(_TRIAL_COLUMNS))
+    if name == "PROMOTION_SCHEMA":
+        return _arrow_schema(tuple(_PROMOTION_COLUMNS))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _jsonable(value: object) -> object:
+    """A Parquet value as JSON: timestamps as ISO text with microseconds (so that text order is time order),
+    NaN as null."""
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _index_path(folder: Path, name: str) -> Path:
+    return folder.parent / INDEX / folder.name / f"{name}.json"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+def _write_one(folder: Path, name: str, record: dict, columns: list[tuple[str, str]]) -> Path:
+    """One record as its own Parquet file, then as JSON in the index; each atomically (temporary file, fsync,
+    rename), the Parquet file first: a reader that finds no JSON reads the Parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = _arrow_schema(tuple(columns))
     folder.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist([{column: record.get(column) for column in schema.names}], schema=schema)
     path = folder / f"{name}.parquet"
@@ -93,11 +157,18 @@ def _write_one(folder: Path, name: str, record: dict, schema: pa.Schema) -> Path
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
+    index = _index_path(folder, name)
+    index.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(index, json.dumps({k: _jsonable(v) for k, v in table.to_pylist()[0].items()}).encode())
     return path
 
 
-def _read_all(folder: Path, schema: pa.Schema, order_by: str) -> pd.DataFrame:
+def _read_all(folder: Path, columns: list[tuple[str, str]], order_by: str) -> pd.DataFrame:
     """Every file of a folder as one frame; a damaged file is skipped with a warning that names it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = _arrow_schema(tuple(columns))
     tables = []
     for path in sorted(folder.glob("*.parquet")):
         try:
@@ -108,6 +179,35 @@ def _read_all(folder: Path, schema: pa.Schema, order_by: str) -> pd.DataFrame:
     return table.to_pandas().sort_values(order_by, kind="stable").reset_index(drop=True)
 
 
+def _read_records(folder: Path, columns: list[tuple[str, str]], order_by: str) -> list[dict]:
+    """Every record of a folder as a plain dict, from the index where it has the record, else from the Parquet
+    file; oldest first by `order_by`, as `_read_all` orders them. A damaged Parquet file without JSON is skipped
+    with a warning that names it."""
+    try:
+        names = sorted(n[: -len(".parquet")] for n in os.listdir(folder)
+                       if n.endswith(".parquet") and not n.startswith("."))
+    except FileNotFoundError:
+        return []
+    records = []
+    for name in names:
+        try:
+            records.append(json.loads(_index_path(folder, name).read_bytes()))
+            continue
+        except (OSError, ValueError):  # not indexed (an older folder, or the JSON write failed): read the record
+            pass
+        import pyarrow.parquet as pq
+
+        path = folder / f"{name}.parquet"
+        try:
+            table = pq.read_table(path, schema=_arrow_schema(tuple(columns)))
+        except Exception as error:  # truncated or foreign file: keep going, say which
+            warnings.warn(f"skipping damaged result file {path}: {error}", stacklevel=3)
+            continue
+        records += [{k: _jsonable(v) for k, v in record.items()} for record in table.to_pylist()]
+    records.sort(key=lambda record: (record.get(order_by) is None, record.get(order_by) or ""))
+    return records
+
+
 def write_row(results: Path, row: dict) -> Path:
     """Write one trial's row; unknown keys and statuses are errors."""
     unknown = set(row) - set(COLUMNS)
@@ -115,7 +215,7 @@ def write_row(results: Path, row: dict) -> Path:
         raise KeyError(f"not result columns: {sorted(unknown)}")
     if row.get("status") not in STATUSES:
         raise ValueError(f"status {row.get('status')!r} is not one of {STATUSES}")
-    return _write_one(trials_dir(results), row["trial_id"], row, SCHEMA)
+    return _write_one(trials_dir(results), row["trial_id"], row, _TRIAL_COLUMNS)
 
 
 def has_row(results: Path, trial_id: str) -> bool:
@@ -124,7 +224,12 @@ def has_row(results: Path, trial_id: str) -> bool:
 
 def read_trials(results: Path) -> pd.DataFrame:
     """All rows, oldest first. A damaged file is skipped with a warning that names it."""
-    return _read_all(trials_dir(results), SCHEMA, "finished_at")
+    return _read_all(trials_dir(results), _TRIAL_COLUMNS, "finished_at")
+
+
+def read_rows(results: Path) -> list[dict]:
+    """All rows as plain dicts (timestamps as ISO text, missing values None), oldest first, without pandas."""
+    return _read_records(trials_dir(results), _TRIAL_COLUMNS, "finished_at")
 
 
 # ---------------------------------------------------------------------------
@@ -133,31 +238,35 @@ def read_trials(results: Path) -> pd.DataFrame:
 
 LINEAGE_KINDS = ("promotion", "hand_edit")  # the selection actor promoted a candidate; train.py was edited by hand
 
-PROMOTION_SCHEMA = pa.schema([
-    ("promoted_at", _TIME),           # when the baseline changed (a hand edit: when it was noticed)
-    ("kind", pa.string()),            # one of LINEAGE_KINDS; null in files written before hand edits were recorded
-    ("candidate_id", pa.string()),    # null for a hand edit
-    ("agent", pa.string()),
-    ("description", pa.string()),
-    ("old_baseline", pa.string()),
-    ("new_baseline", pa.string()),
-    ("gpu_name", pa.string()),
-    ("old_mean", pa.float64()),       # val bpc of the old baseline on that GPU type
-    ("new_mean", pa.float64()),       # val bpc of the candidate (mean over its runs)
-    ("gain", pa.float64()),           # old_mean - new_mean
-    ("n_candidate", pa.int64()),
-    ("n_baseline", pa.int64()),
-    ("sigma", pa.float64()),          # pooled run-to-run σ used by the test
-    ("threshold", pa.float64()),      # gain that was needed
-    ("reason", pa.string()),
-    ("diff", pa.string()),            # unified diff from the old baseline to the new, cut at custody.MAX_DIFF_CHARS
-])
+_PROMOTION_COLUMNS = [
+    ("promoted_at", TIME),            # when the baseline changed (a hand edit: when it was noticed)
+    ("kind", "string"),               # one of LINEAGE_KINDS; null in files written before hand edits were recorded
+    ("candidate_id", "string"),       # null for a hand edit
+    ("agent", "string"),
+    ("description", "string"),
+    ("old_baseline", "string"),
+    ("new_baseline", "string"),
+    ("gpu_name", "string"),
+    ("old_mean", "float64"),          # val bpc of the old baseline on that GPU type
+    ("new_mean", "float64"),          # val bpc of the candidate (mean over its runs)
+    ("gain", "float64"),              # old_mean - new_mean
+    ("n_candidate", "int64"),
+    ("n_baseline", "int64"),
+    ("sigma", "float64"),             # pooled run-to-run σ used by the test
+    ("threshold", "float64"),         # gain that was needed
+    ("reason", "string"),
+    ("diff", "string"),               # unified diff from the old baseline to the new, cut at custody.MAX_DIFF_CHARS
+]
 
 
-def test_scores(trials: pd.DataFrame) -> dict[str, float]:
-    """Each baseline's score on the test split (from its first control run that scored it), by baseline id."""
-    scored = trials[(trials["kind"] == "control") & trials["test_bpc"].notna()]
-    return scored.groupby("candidate_id", sort=False)["test_bpc"].first().to_dict()
+def test_scores(rows: list[dict]) -> dict[str, float]:
+    """Each baseline's score on the test split (from its first control run that scored it), by baseline id;
+    `rows` as read_rows gives them."""
+    scores: dict[str, float] = {}
+    for row in rows:
+        if row["kind"] == "control" and row.get("test_bpc") is not None:
+            scores.setdefault(row["candidate_id"], row["test_bpc"])
+    return scores
 
 
 def promotions_dir(results: Path) -> Path:
@@ -171,13 +280,13 @@ def write_promotion(results: Path, event: dict) -> Path:
         raise ValueError(f"lineage kind {event['kind']!r} is not one of {LINEAGE_KINDS}")
     stamp = event["promoted_at"].strftime("%Y%m%dT%H%M%S%f")
     name = event.get("candidate_id") or f"{event['kind']}-{event['new_baseline']}"
-    return _write_one(promotions_dir(results), f"{stamp}-{name}", event, PROMOTION_SCHEMA)
+    return _write_one(promotions_dir(results), f"{stamp}-{name}", event, _PROMOTION_COLUMNS)
 
 
 def read_lineage(results: Path) -> pd.DataFrame:
     """Every change of the baseline, oldest first: promotions and hand edits (`kind`). Files written before the
     columns `kind` and `diff` existed read as promotions without a diff."""
-    lineage = _read_all(promotions_dir(results), PROMOTION_SCHEMA, "promoted_at")
+    lineage = _read_all(promotions_dir(results), _PROMOTION_COLUMNS, "promoted_at")
     lineage["kind"] = lineage["kind"].fillna("promotion")
     return lineage
 
@@ -186,3 +295,11 @@ def read_promotions(results: Path) -> pd.DataFrame:
     """The promotions alone (the lineage without hand edits): what the selection actor decided."""
     lineage = read_lineage(results)
     return lineage[lineage["kind"] == "promotion"].reset_index(drop=True)
+
+
+def lineage_rows(results: Path) -> list[dict]:
+    """read_lineage as plain dicts (timestamps as ISO text), without pandas."""
+    lineage = _read_records(promotions_dir(results), _PROMOTION_COLUMNS, "promoted_at")
+    for entry in lineage:
+        entry["kind"] = entry.get("kind") or "promotion"
+    return lineage
