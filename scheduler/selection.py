@@ -16,6 +16,11 @@ the baseline: an edit by hand is adopted as the new, unscored baseline and
 recorded in the lineage as a hand edit with its diff; a broken or missing
 train.py is restored from the archive.
 
+Each judgement leaves its verdict on the candidate (pending, confirming,
+rejected, promoted) with the figures it was judged on (`Candidate.verdict`,
+`Candidate.judged`): `wait`, `show` and `results` read them through
+scheduler/verdict.py, without Ray.
+
 All state lives in results/selection.json (`State`), rewritten after every
 change, so a relaunch, or Ray restarting a killed actor, restores it exactly.
 In Ray the class runs as one named actor, `selection` (see `selection_actor`).
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -37,6 +43,9 @@ from scheduler.promotion import Judgement, PromotionRule, RuleConfig, Verdict
 ACTOR_NAME = "selection"
 MAX_FAILED_CONTROLS = 2  # a baseline that fails this many control runs in a row is not run again by itself
 HAND_EDIT = "edited by hand"  # the description of a hand edit in the lineage
+PENDING, CONFIRMING, REJECTED, PROMOTED = VERDICTS = ("pending", "confirming", "rejected", "promoted")
+# the figures a verdict was judged on, as Judgement names them; nan (no baseline score yet) is kept as None
+JUDGED = ("candidate_mean", "baseline_mean", "n_candidate", "n_baseline", "sigma", "threshold")
 
 
 @dataclass
@@ -51,6 +60,10 @@ class Candidate:
     description: str | None = None
     source_sha256: str | None = None
     parent: str | None = None
+    # the verdict (one of VERDICTS) and the figures it was judged on (JUDGED): what `wait`, `show` and `results`
+    # report through scheduler/verdict.py; None in files written before verdicts were kept
+    verdict: str | None = None
+    judged: dict | None = None
 
     def failed(self) -> int:
         """Its runs that gave no score."""
@@ -280,14 +293,31 @@ class Selection:
         return {"decision": "baseline scored", "rejudged": decisions}
 
     def _judge(self, cid: str, gpu: str) -> dict:
+        """Ask the rule about a candidate and act on its answer; the candidate keeps the verdict and its figures."""
+        decision = self._decide(cid, gpu)
+        candidate = self.state.candidates[cid]
+        if decision["decision"] == Verdict.PROMOTE.value:
+            candidate.verdict = PROMOTED
+        elif decision["decision"] == Verdict.REJECT.value:
+            candidate.verdict = REJECTED
+        else:  # confirm, or pending: waiting for its reruns, or for a score of the baseline
+            candidate.verdict = CONFIRMING if candidate.outstanding else PENDING
+        figures = decision.pop("figures", None)
+        candidate.judged = {"gpu": gpu, "reason": decision["reason"], **dict.fromkeys(JUDGED),
+                            **({k: None if isinstance(v, float) and math.isnan(v) else v
+                                for k, v in figures.items()} if figures else {})}
+        return {**decision, "verdict": candidate.verdict}
+
+    def _decide(self, cid: str, gpu: str) -> dict:
         candidate = self.state.candidates[cid]
         scores = candidate.scores.get(gpu, [])
         if not scores:
             if candidate.outstanding == 0:
                 candidate.done = True
-                return {"decision": "reject", "reason": "no successful run to judge"}
+                return {"decision": "reject", "reason": "no successful run to judge: every run of it failed"}
             return {"decision": "pending", "reason": "no successful run yet"}
         judgement = self.rule.judge(gpu, scores)
+        figures = {k: getattr(judgement, k) for k in JUDGED}
         verdict, reason = judgement.verdict, judgement.reason
         if verdict == Verdict.PENDING and not self.rule.baseline_scores(gpu):
             if not self._control_queued():
@@ -313,12 +343,12 @@ class Selection:
         elif verdict == Verdict.PROMOTE:
             refused = self._promote(cid, gpu, scores, judgement)
             if refused:
-                return {"decision": Verdict.REJECT.value, "reason": refused}
+                return {"decision": Verdict.REJECT.value, "reason": refused, "figures": figures}
         elif verdict == Verdict.REJECT:
             candidate.done = True
             queue.drop(self.layout, cid)
             self.rule.add_within_variance(gpu, scores)
-        return {"decision": verdict.value, "reason": reason}
+        return {"decision": verdict.value, "reason": reason, "figures": figures}
 
     def _promote(self, cid: str, gpu: str, scores: list[float], judgement: Judgement) -> str | None:
         """Make the candidate the baseline; returns why not when its archived source is refused (it is then
