@@ -15,16 +15,21 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from scheduler import control, prepare, queue
-from scheduler.layout import Layout
 from scheduler.console import say
+from scheduler.layout import Layout
+from scheduler.presence import LaunchBusy, Presence, holder_text
 
 DASHBOARD_PORT = 8265
 LOCAL_HOST = "127.0.0.1"
 UMASK = 0o022  # at least: nothing launch, its Ray or its trials write is writable by other users
+RAY_ATTEMPTS = 2  # Ray's start-up is tried again once: on a loaded machine it can time out
+T = TypeVar("T")
 
 
 class LaunchError(Exception):
@@ -112,6 +117,27 @@ def _signal_handlers(layout: Layout) -> None:
     signal.signal(signal.SIGTERM, handle)
 
 
+def start_ray(init: Callable[[], T], attempts: int = RAY_ATTEMPTS) -> T:
+    """init() (a ray.init call), tried again once when it fails: Ray's start-up can time out on a loaded machine
+    ("The current node timed out during startup"). LaunchError after the last failure, saying what failed."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return init()
+        except Exception as error:  # noqa: BLE001 - Ray raises many kinds; each is reported in one line
+            ray.shutdown()  # what a half-started Ray left behind, before the next try
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            if attempt < attempts:
+                say(f"Ray did not start ({type(error).__name__}: {first_line}); trying once more")
+                continue
+            raise LaunchError(
+                f"Ray did not start, {attempts} times ({type(error).__name__}: {first_line}). On a busy machine "
+                f"its start-up times out: wait for the load to drop and launch again. Ray's own logs are in "
+                f"/tmp/ray/session_latest/logs/. With --address, check that the cluster runs (`ray status`)") from None
+    raise AssertionError("unreachable")
+
+
 def launch(opts: LaunchOptions) -> int:
     os.umask(os.umask(UMASK) | UMASK)  # inherited by Ray's processes and the trials they start
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
@@ -131,6 +157,21 @@ def launch(opts: LaunchOptions) -> int:
         sandbox = resolve(opts.sandbox)
     except SandboxError as error:
         raise LaunchError(str(error)) from None
+    try:
+        presence = Presence.claim(layout)  # before anything acts on the root: one launch per root
+    except LaunchBusy as busy:
+        raise LaunchError(str(busy)) from None
+    try:
+        return _run(opts, layout, local_gpus, sandbox, presence)
+    finally:
+        presence.release()
+
+
+def _run(opts: LaunchOptions, layout: Layout, local_gpus: list[int] | None, sandbox: str, presence: Presence) -> int:
+    """launch() once it holds the root: data, Ray, the selection actor, then Tune until the queue is done."""
+    if presence.took_over:
+        say(f"the last launch here ({holder_text(presence.took_over)}) ended without stopping (killed?): this "
+            f"launch takes its place, and the trials it was running are run again")
     if sandbox == "none":
         say("warning: --sandbox none: candidates run with your rights and can read the validation split, rewrite "
             "results/ and train.py, and reach the network; every row records sandbox=none")
@@ -144,17 +185,18 @@ def launch(opts: LaunchOptions) -> int:
     ray_init = {"include_dashboard": opts.dashboard, "dashboard_host": opts.dashboard_host,
                 "log_to_driver": False, "configure_logging": False}
     if opts.address:
-        context = ray.init(address=opts.address, log_to_driver=False)
+        context = start_ray(lambda: ray.init(address=opts.address, log_to_driver=False))
         n_gpus = int(ray.cluster_resources().get("GPU", 0))
         if n_gpus == 0:
+            ray.shutdown()
             raise LaunchError(f"the Ray cluster at {opts.address} has no GPUs")
     elif opts.pretend_gpus:
         n_gpus = opts.pretend_gpus
-        context = ray.init(num_gpus=n_gpus, **ray_init)
+        context = start_ray(lambda: ray.init(num_gpus=n_gpus, **ray_init))
     else:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, local_gpus))
         n_gpus = len(local_gpus)
-        context = ray.init(num_gpus=n_gpus, **ray_init)
+        context = start_ray(lambda: ray.init(num_gpus=n_gpus, **ray_init))
 
     try:
         layout.make()
@@ -173,6 +215,7 @@ def launch(opts: LaunchOptions) -> int:
             say(note)
         say(f"{n_gpus} GPU(s){' (pretend, on the CPU)' if opts.pretend_gpus else ''}, budget {opts.budget:.0f} s, "
             f"sandbox {sandbox}, baseline {info['baseline']}, root {layout.root}")
+        presence.update(gpus=n_gpus, pretend=bool(opts.pretend_gpus), budget=opts.budget)
         if opts.dashboard:
             # the port Ray really took (it moves on when 8265 is in use)
             url = context.dashboard_url or f"{opts.dashboard_host}:{DASHBOARD_PORT}"
