@@ -75,7 +75,9 @@ def make_root(root: Path, n_rows: int) -> str:
             c.runs += 1
             if bpc is not None:
                 c.scores.setdefault(GPU, []).append(bpc)
-            c.done = True
+            c.done, c.verdict = True, "rejected"
+            c.judged = {"gpu": GPU, "reason": "does not screen", "candidate_mean": bpc, "baseline_mean": 0.76,
+                        "n_candidate": 1, "n_baseline": 5, "sigma": 0.004, "threshold": 0.0036}
     for i in range(PROMOTIONS):
         results.write_promotion(layout.results, {
             "promoted_at": start + timedelta(hours=3 * i + 1), "candidate_id": f"promoted-{i}", "agent": "agent-0",

@@ -3,17 +3,19 @@
     prepare [--from PATH]                    get enwik8 (or your corpus) into data/
     launch --gpus all                        run every candidate, one GPU each (see launch --help)
     submit FILE --agent NAME -m "what"       queue a train.py variant; prints its candidate id
-    wait ID [--timeout S]                    block until it has a result; print it
-    results [--agent A] [--status S] [--top N]
-    status [--watch]                         queue, running trials per GPU, baseline (--watch: live)
-    show ID                                  metadata, result rows, the end of its log
+    wait ID [--timeout S]                    block until it has a result and a verdict; print them
+    results [--agent A] [--status S] [--verdict V] [--top N]
+    status [--watch]                         the launch, queue, running trials per GPU, baseline (--watch: live)
+    show ID                                  its verdict, result rows, the end of its log
     stop [--now]                             drain (or stop trials now)
     baseline [--diff]                        the current baseline, its score ± σ, its lineage
     report [--out DIR]                       progress.png, timeline.png and summary.md
 
-Every command that prints data takes --json. Exit codes: 0 success; 1 the
-candidate failed or was rejected (wait); 2 bad input or nothing to act on;
-3 timed out (wait).
+Every command but prepare runs in a project folder: the one with train.py (or
+--root DIR). Every command that prints data takes --json. Exit codes: 0
+success; 1 the candidate failed or was rejected (wait); 2 bad input or nothing
+to act on (not a project folder, no such candidate, no launch to stop, a launch
+already running); 3 timed out (wait).
 """
 
 from __future__ import annotations
@@ -21,37 +23,26 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
-from scheduler import control, intake, queue, results
+from scheduler import control, intake, presence, queue, results
 from scheduler.layout import Layout
-from scheduler.status import baseline_scores, current_baseline, progress_line, snapshot, watch
+from scheduler.status import baseline_scores, current_baseline, progress_line, snapshot, summary_lines, watch
+from scheduler.verdict import PENDING, REJECTED, VERDICTS, describe, load_state, verdict_of
 
 OK, FAILED, BAD_INPUT, TIMEOUT = 0, 1, 2, 3
-ROW_COLUMNS = ["trial_id", "candidate_id", "kind", "agent", "status", "val_bpc", "training_seconds",
+ROW_COLUMNS = ["trial_id", "candidate_id", "kind", "agent", "status", "verdict", "val_bpc", "training_seconds",
                "tokens", "mfu_percent", "gpu_id", "description", "reason"]
+ANYWHERE = ("prepare",)  # the commands that need no train.py in the root
+POLL_S = 1.0  # seconds between looks while `wait` waits
 
 
 def fail(message: str, code: int = BAD_INPUT) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
-
-
-def _clean(value):
-    """JSON-safe value: NaN -> null, timestamps -> ISO text."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if hasattr(value, "isoformat"):
-        return None if str(value) == "NaT" else value.isoformat()
-    if hasattr(value, "item"):
-        return value.item()
-    return value
-
-
-def rows_as_dicts(frame) -> list[dict]:
-    return [{k: _clean(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
@@ -67,6 +58,14 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for row in table:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def not_running_note(layout: Layout) -> str:
+    """'' while a launch runs in the root, else what a waiting agent should know and do."""
+    launch = presence.read(layout)
+    if launch["state"] == presence.RUNNING:
+        return ""
+    return f"; no launch is running in {layout.root}: nothing runs until one starts (`python -m scheduler launch`)"
 
 
 # ---------------------------------------------------------------------------
@@ -120,8 +119,16 @@ def cmd_submit(args, layout: Layout) -> int:
 
 
 def _rows_of(layout: Layout, candidate_id: str) -> list[dict]:
-    frame = results.read_trials(layout.results)
-    return rows_as_dicts(frame[frame["candidate_id"] == candidate_id])
+    return [row for row in results.read_rows(layout.results) if row["candidate_id"] == candidate_id]
+
+
+def _result_line(row: dict, verdict: dict) -> str:
+    """'ID: ok, val_bpc 0.7612; rejected by the selection: mean ... needed: does not screen'."""
+    if verdict["by"] == "intake":
+        return f"{row['candidate_id']}: {describe(verdict)}"
+    outcome = (f"ok, val_bpc {row['val_bpc']:.4f}" if row["status"] == "ok"
+               else f"{row['status']} ({row['reason']})")
+    return f"{row['candidate_id']}: {outcome}; {describe(verdict)}"
 
 
 def cmd_wait(args, layout: Layout) -> int:
@@ -130,25 +137,32 @@ def cmd_wait(args, layout: Layout) -> int:
     while True:
         # queue and folders before rows: a row is written before its entry leaves the queue, so a candidate
         # found in neither place here has its row by the time the rows are read
-        retrying = any(e.candidate_id == args.id for e in queue.pending(layout) + queue.running(layout))
+        entries = queue.pending(layout) + queue.running(layout)
+        retrying = any(e.candidate_id == args.id for e in entries)
         known = retrying or _submitted(layout, args.id)
         rows = [r for r in _rows_of(layout, args.id) if r["kind"] == "candidate"]
         if rows and not (rows[-1]["status"] == "interrupted" and retrying):
             row = rows[-1]
-            print(json.dumps(row) if args.json else
-                  f"{row['candidate_id']}: {row['status']}"
-                  + (f" val_bpc {row['val_bpc']:.4f}" if row.get("val_bpc") is not None else f" ({row['reason']})"))
-            return OK if row["status"] == "ok" else FAILED
-        if not rows and not known:
-            return fail(f"no candidate {args.id}: see `python -m scheduler results` for the ids")
-        live = sorted(layout.live.glob(f"{args.id}-*.json")) if layout.live.is_dir() else []
-        note = "queued" if not live else progress_line(json.loads(live[0].read_text()))
+            verdict = verdict_of(layout, load_state(layout), args.id, rows)
+            # scored while the baseline had no score: its control run, queued first, brings the verdict
+            if not (verdict["verdict"] == PENDING and any(e.kind == "control" for e in entries)):
+                print(json.dumps({**row, "verdict": verdict}) if args.json else _result_line(row, verdict))
+                return OK if row["status"] == "ok" and verdict["verdict"] != REJECTED else FAILED
+            note = f"scored {row['val_bpc']:.4f}; judged once the baseline's control run has scored it"
+        elif not rows and not known:
+            return fail(f"no candidate {args.id} in {layout.root}: `python -m scheduler results --agent NAME` "
+                        f"lists your candidates' ids")
+        else:
+            live = sorted(layout.live.glob(f"{args.id}-*.json")) if layout.live.is_dir() else []
+            note = "queued" if not live else progress_line(json.loads(live[0].read_text()))
+        note += not_running_note(layout)
         if note != last_note and not args.json:
             print(f"{args.id}: {note}", file=sys.stderr)
             last_note = note
         if time.monotonic() > deadline:
-            return fail(f"no result for {args.id} within {args.timeout:.0f} s; it is {note}", TIMEOUT)
-        time.sleep(1.0)
+            return fail(f"no result for {args.id} within {args.timeout:.0f} s; it is {note}. Run the same wait "
+                        f"again to keep waiting", TIMEOUT)
+        time.sleep(POLL_S)
 
 
 def _submitted(layout: Layout, candidate_id: str) -> bool:
@@ -157,19 +171,28 @@ def _submitted(layout: Layout, candidate_id: str) -> bool:
             or any(layout.rejected.glob(f"{candidate_id}-*")))
 
 
+def with_verdicts(layout: Layout, rows: list[dict]) -> list[dict]:
+    """Each row with its candidate's verdict (`verdict`; None for the baseline's control runs)."""
+    by_candidate: dict[str, list[dict]] = {}
+    for row in rows:
+        by_candidate.setdefault(row["candidate_id"], []).append(row)
+    state = load_state(layout)
+    verdicts = {cid: verdict_of(layout, state, cid, own) for cid, own in by_candidate.items()}
+    return [{**row, "verdict": verdicts[row["candidate_id"]]} for row in rows]
+
+
 def cmd_results(args, layout: Layout) -> int:
-    frame = results.read_trials(layout.results)
-    if args.agent:
-        frame = frame[frame["agent"] == args.agent]
-    if args.status:
-        frame = frame[frame["status"] == args.status]
+    rows = [r for r in results.read_rows(layout.results)
+            if (not args.agent or r["agent"] == args.agent) and (not args.status or r["status"] == args.status)]
+    rows = with_verdicts(layout, rows)
+    if args.verdict:
+        rows = [r for r in rows if r["verdict"] and r["verdict"]["verdict"] == args.verdict]
     if args.top:
-        frame = frame[frame["val_bpc"].notna()].sort_values("val_bpc").head(args.top)
-    rows = rows_as_dicts(frame)
+        rows = sorted((r for r in rows if r["val_bpc"] is not None), key=lambda r: r["val_bpc"])[: args.top]
     if args.json:
         print(json.dumps(rows))
     else:
-        print_table(rows, ROW_COLUMNS)
+        print_table([{**r, "verdict": r["verdict"] and r["verdict"]["verdict"]} for r in rows], ROW_COLUMNS)
     return OK
 
 
@@ -181,29 +204,40 @@ def cmd_status(args, layout: Layout) -> int:
     if args.json:
         print(json.dumps(state))
         return OK
-    print(f"baseline {state['baseline']}; {len(state['queued'])} queued, {len(state['running'])} running"
-          + (" (draining)" if state["draining"] else ""))
+    print("\n".join(summary_lines(state)))
     for r in state["running"]:
         print(f"  running {r['trial_id']} on GPU {r['gpu'] or '?'} ({r['kind']}, {r['agent'] or '-'}) "
               f"{r['elapsed'] or 0:.0f}s: {r['progress']} | {r['description']}")
+    for t in state["interrupted"]:
+        print(f"  interrupted {t['trial_id']} ({t['kind']}, {t['agent'] or '-'}) | {t['description']}")
     for q in state["queued"][:20]:
-        print(f"  queued  {q['trial_id']} ({q['kind']}, {q['agent'] or '-'}) | {q['description']}")
+        if q["trial_id"] is None:
+            print(f"  submitted {q['candidate_id'] or q['file']} ({q['agent'] or '-'}), not yet taken in | "
+                  f"{q['description']}")
+        else:
+            print(f"  queued  {q['trial_id']} ({q['kind']}, {q['agent'] or '-'}) | {q['description']}")
+    if len(state["queued"]) > 20:
+        print(f"  ... and {len(state['queued']) - 20} more queued")
     return OK
 
 
 def cmd_show(args, layout: Layout) -> int:
     rows = _rows_of(layout, args.id)
     queued = [vars(e) for e in queue.pending(layout) + queue.running(layout) if e.candidate_id == args.id]
-    if not rows and not queued:
-        return fail(f"no candidate {args.id}: see `python -m scheduler results` for the ids")
+    if not rows and not queued and not _submitted(layout, args.id):
+        return fail(f"no candidate {args.id} in {layout.root}: `python -m scheduler results --agent NAME` lists "
+                    f"your candidates' ids")
+    verdict = verdict_of(layout, load_state(layout), args.id, rows)
     logs = {}
     for row in rows:
         log = layout.runs / row["trial_id"] / "log.txt"
         if log.exists():
             logs[row["trial_id"]] = log.read_text(errors="replace").splitlines()[-args.lines:]
     if args.json:
-        print(json.dumps({"rows": rows, "queued": queued, "log_tail": logs}))
+        print(json.dumps({"verdict": verdict, "rows": rows, "queued": queued, "log_tail": logs}))
         return OK
+    if verdict is not None:
+        print(f"{args.id}: {describe(verdict)}")
     for row in rows:
         print(json.dumps(row, indent=2))
     for q in queued:
@@ -215,23 +249,36 @@ def cmd_show(args, layout: Layout) -> int:
 
 
 def cmd_stop(args, layout: Layout) -> int:
+    launch = presence.read(layout)
+    if launch["state"] != presence.RUNNING:
+        return fail(f"no launch is running in {layout.root}, so there is nothing to stop "
+                    f"(`python -m scheduler status` says what is there)")
     control.request(layout, control.STOP_NOW if args.now else control.DRAIN)
-    print("stop requested: " + ("running trials are stopped now" if args.now else
-                                "running trials finish, no new ones start"))
+    print(f"stop requested; the launch ({presence.holder_text(launch)}) "
+          + ("stops its running trials now" if args.now else "lets its running trials finish and starts no new ones"))
     return OK
+
+
+def _test_text(p: dict) -> str:
+    """What the test split says of one change of the baseline, never "not scored" under a score."""
+    if p["test_bpc"] is None:
+        return "the new baseline not scored on test yet"
+    if p["test_gain"] is None:
+        return f"test {p['test_bpc']:.4f} (no gain on test: {p['old_baseline']} has no test score)"
+    return f"{p['test_gain']:.4f} on test"
 
 
 def cmd_baseline(args, layout: Layout) -> int:
     from scheduler.custody import diff_size
 
-    lineage = rows_as_dicts(results.read_lineage(layout.results))
-    tests = results.test_scores(results.read_trials(layout.results))
+    lineage = results.lineage_rows(layout.results)
+    tests = results.test_scores(results.read_rows(layout.results))
     for p in lineage:
         p["test_bpc"] = tests.get(p["new_baseline"])
         old_test = tests.get(p["old_baseline"])
         p["test_gain"] = None if p["test_bpc"] is None or old_test is None else old_test - p["test_bpc"]
     baseline = current_baseline(layout)
-    info = {"baseline": baseline, "file": str(layout.baseline), "scores": baseline_scores(layout),
+    info = {"baseline": baseline, "file": str(layout.baseline), "scores": baseline_scores(layout.selection_state),
             "test_bpc": tests.get(baseline), "lineage": lineage}
     if args.json:
         print(json.dumps(info))
@@ -243,10 +290,6 @@ def cmd_baseline(args, layout: Layout) -> int:
         print("  not scored yet")
     if info["test_bpc"] is not None:
         print(f"  test split: {info['test_bpc']:.4f} bpc")
-
-    def test_gain(p: dict) -> str:
-        return "not scored" if p["test_gain"] is None else f"{p['test_gain']:.4f}"
-
     for p in lineage:
         changed = "" if p["diff"] is None else " (+{} -{} lines)".format(*diff_size(p["diff"]))
         if p["kind"] == "hand_edit":  # no decision, so no figures: its own control runs score it
@@ -254,7 +297,7 @@ def cmd_baseline(args, layout: Layout) -> int:
                   f"{changed}")
         else:
             print(f"  {p['promoted_at'][:19]} {p['candidate_id']} ({p['agent']}): {p['description']} "
-                  f"gain {p['gain']:.4f} on val, {test_gain(p)} on test (n={p['n_candidate']}, σ {p['sigma']:.4f})"
+                  f"gain {p['gain']:.4f} on val, {_test_text(p)} (n={p['n_candidate']}, σ {p['sigma']:.4f})"
                   f"{changed}")
         if args.diff and p["diff"]:
             print("\n".join("      " + line for line in p["diff"].splitlines()))
@@ -330,19 +373,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--message", required=True, help="what changed, in one line")
     p.add_argument("--parent", help="the baseline id it was derived from (default: the current baseline)")
 
-    p = command("wait", cmd_wait, "block until a candidate has a result; exit 0 ok, 1 failed, 3 timeout")
+    p = command("wait", cmd_wait, "block until a candidate has a result and the selection's verdict; exit 0 "
+                                  "scored and not rejected, 1 failed or rejected, 2 no such candidate, 3 timeout")
     p.add_argument("id")
     p.add_argument("--timeout", type=float, default=0, help="seconds (default: no limit)")
 
-    p = command("results", cmd_results, "table of trials")
+    p = command("results", cmd_results, "table of trials, each with its candidate's verdict")
     p.add_argument("--agent")
-    p.add_argument("--status")
+    p.add_argument("--status", choices=results.STATUSES, help="the trial's status")
+    p.add_argument("--verdict", choices=VERDICTS, help="the selection's verdict on its candidate")
     p.add_argument("--top", type=int, help="the N best scored trials")
 
-    p = command("status", cmd_status, "queue, running trials, baseline")
+    p = command("status", cmd_status, "whether a launch runs, queue, running trials, baseline")
     p.add_argument("--watch", action="store_true", help="redraw in place until Ctrl-C")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between redraws (--watch)")
-    p = command("show", cmd_show, "one candidate: rows, queue entries, the end of its log")
+    p = command("show", cmd_show, "one candidate: its verdict, rows, queue entries, the end of its log")
     p.add_argument("id")
     p.add_argument("--lines", type=int, default=20)
     p = command("stop", cmd_stop, "drain: finish running trials and start no new ones", json_flag=False)
@@ -357,4 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     layout = Layout.at(args.root, args.data)
-    return args.func(args, layout)
+    if args.command not in ANYWHERE and not layout.baseline.is_file():
+        # nothing is read or created outside a project folder: a stray candidates/ or results/ helps nobody
+        return fail(f"no train.py in {layout.root}: not a project folder. cd into the folder that holds train.py, "
+                    f"or name it: python -m scheduler --root DIR {args.command} ...")
+    try:
+        return args.func(args, layout)
+    except BrokenPipeError:  # `results | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush fails silently
+        return OK

@@ -197,6 +197,25 @@ def _take_in(layout: Layout, claimed: Path, kept: Path, name: str, meta: dict, c
         })
 
 
+def submitted(layout: Layout) -> list[dict]:
+    """The files waiting in candidates/ for intake (submitted, not yet taken in by a launch), oldest first: each
+    {"file", "candidate_id", "agent", "description", "submitted_at"}; the id is None for a file dropped by hand
+    (intake names it when it takes it in)."""
+    try:
+        names = [name for name in os.listdir(layout.candidates) if not _ignored(name)]
+    except FileNotFoundError:
+        return []
+    waiting = []
+    for name in names:
+        try:
+            meta = json.loads(_meta_path(layout.candidates, name).read_text())
+        except (OSError, ValueError):  # dropped by hand: no metadata
+            meta = {}
+        waiting.append({"file": name, "candidate_id": meta.get("candidate_id"), "agent": meta.get("agent", ""),
+                        "description": meta.get("description", ""), "submitted_at": meta.get("submitted_at", 0.0)})
+    return sorted(waiting, key=lambda w: (w["submitted_at"], w["file"]))
+
+
 def waiting(layout: Layout) -> bool:
     """Is a finished file waiting in candidates/ (one that scan would claim)?"""
     try:

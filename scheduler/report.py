@@ -39,8 +39,9 @@ from matplotlib.transforms import Bbox
 
 from scheduler.custody import diff_size
 from scheduler.layout import SELECTION_STATE
+from scheduler.results import STATUSES, read_lineage, read_rows, read_trials, test_scores
 from scheduler.selection import saved_rule
-from scheduler.results import STATUSES, read_lineage, read_promotions, read_trials, test_scores
+from scheduler.status import baseline_scores, headline_score
 
 FIGSIZE = (16, 9)  # inches; at DPI this is 1600x900 px
 LANE_INCHES, TIMELINE_MARGIN_INCHES = 0.45, 1.6  # timeline.png: 16 inches wide, this tall per GPU plus margins
@@ -84,41 +85,62 @@ def _scored(trials: pd.DataFrame) -> pd.DataFrame:
     return trials[(trials["status"] == "ok") & trials["val_bpc"].notna()]
 
 
-def _baseline_steps(trials: pd.DataFrame, promotions: pd.DataFrame, sigma: float) -> pd.DataFrame:
-    """The baseline over time: one row per step (at, mean, sigma), oldest first; may be empty.
+def _baseline_steps(trials: pd.DataFrame, lineage: pd.DataFrame, now: tuple[str, dict] | None,
+                    prior_sigma: float) -> pd.DataFrame:
+    """The baseline over time: one row per baseline (at, mean, sigma), oldest first; may be empty.
 
-    Before the first promotion the baseline is what its control runs scored then
-    (else the first promotion's old_mean), with `sigma` (the selection's pooled
-    noise) until two control runs measure their own spread; after each
-    promotion it is that promotion's new_mean and sigma.
+    A baseline's mean is what the selection judged candidates against: on one GPU type, the runs that made it
+    the baseline (a promoted candidate's scored runs; none for the first baseline or a hand edit) and its own
+    control runs that finished while it was the baseline. Where the rows lack them, a promotion's figures stand
+    in (old_mean before the first promotion, new_mean after each). A past baseline's sigma is the one its
+    promotion was decided with; the first baseline's is the spread of its scores, or `prior_sigma` with fewer
+    than two. The current baseline's mean and sigma are the selection's own (`now`, from results/selection.json),
+    the figures `baseline` and `status` print.
     """
-    scored = _scored(trials)
-    controls = scored[scored["kind"] == "control"]
-    if len(promotions):
-        controls = controls[controls["finished_at"] < promotions["promoted_at"].iloc[0]]
-    if len(controls):
-        mean0 = controls["val_bpc"].mean()
-        sigma0 = controls["val_bpc"].std() if len(controls) > 1 else sigma
-    elif len(promotions):
-        mean0, sigma0 = promotions["old_mean"].iloc[0], sigma
-    else:
-        mean0, sigma0 = math.nan, math.nan
-    times = pd.concat([trials["started_at"], trials["finished_at"], promotions["promoted_at"]]).dropna()
-    if times.empty or (math.isnan(mean0) and promotions.empty):
+    times = pd.concat([trials["started_at"], trials["finished_at"], lineage["promoted_at"]]).dropna()
+    if times.empty:
         return pd.DataFrame({"at": pd.Series(dtype="datetime64[us, UTC]"), "mean": [], "sigma": []})
-    first = pd.DataFrame({"at": [times.min()], "mean": [mean0], "sigma": [sigma0]})
-    later = promotions[["promoted_at", "new_mean", "sigma"]].set_axis(["at", "mean", "sigma"], axis=1)
-    return pd.concat([first, later], ignore_index=True)
+    promotions = lineage[lineage["kind"] == "promotion"]
+    eras = [{"at": times.min(), "id": lineage["old_baseline"].iloc[0] if len(lineage) else None, "gpu": None,
+             "fallback": promotions["old_mean"].iloc[0] if len(promotions) else math.nan, "sigma": math.nan,
+             "winner": None}]
+    for e in lineage.itertuples():
+        promoted = e.kind == "promotion"
+        eras.append({"at": e.promoted_at, "id": e.new_baseline, "gpu": e.gpu_name if promoted else None,
+                     "fallback": e.new_mean if promoted else math.nan, "sigma": e.sigma if promoted else math.nan,
+                     "winner": e.candidate_id if promoted else None})
+    scored = _scored(trials)
+    steps = []
+    for i, era in enumerate(eras):
+        end = eras[i + 1]["at"] if i + 1 < len(eras) else None
+        controls = scored[(scored["kind"] == "control") & (scored["finished_at"] >= era["at"])]
+        if end is not None:
+            controls = controls[controls["finished_at"] < end]
+        if era["id"] is not None and not pd.isna(era["id"]):
+            controls = controls[controls["candidate_id"] == era["id"]]
+        gpus = controls["gpu_name"].fillna(NONE)
+        gpu = era["gpu"] if era["gpu"] is not None and not pd.isna(era["gpu"]) else (
+            gpus.value_counts().index[0] if len(gpus) else NONE)
+        runs = scored[(scored["candidate_id"] == era["winner"]) & (scored["finished_at"] <= era["at"])]
+        scores = pd.concat([runs.loc[runs["gpu_name"].fillna(NONE) == gpu, "val_bpc"],
+                            controls.loc[gpus == gpu, "val_bpc"]])
+        mean = scores.mean() if len(scores) else era["fallback"]
+        sigma = era["sigma"] if not pd.isna(era["sigma"]) else (scores.std() if len(scores) > 1 else prior_sigma)
+        steps.append({"at": era["at"], "mean": mean, "sigma": sigma})
+    if now is not None:  # the current baseline as the selection holds it
+        steps[-1].update(mean=now[1]["mean"], sigma=now[1]["sigma"])
+    return pd.DataFrame(steps)
 
 
-def _selection_sigma(results: Path) -> float:
-    """The selection's pooled run-to-run sigma (its prior until reruns measure it), for the GPU type with
-    the most baseline scores; nan without a selection state."""
+def _selection_now(results: Path) -> tuple[tuple[str, dict] | None, float]:
+    """(the current baseline's (GPU type, {mean, sigma, n}) as `baseline` and `status` give it, or None before
+    its first score; the selection's pooled sigma for that GPU type, its prior without one, nan without a
+    selection state)."""
     rule = saved_rule(results / SELECTION_STATE)
     if rule is None:
-        return math.nan
-    gpus = sorted(rule.gpus(), key=lambda g: len(rule.baseline_scores(g)))
-    return rule.sigma(gpus[-1]) if gpus else rule.config.prior_sigma
+        return None, math.nan
+    now = headline_score(baseline_scores(results / SELECTION_STATE))
+    return now, now[1]["sigma"] if now else rule.config.prior_sigma
 
 
 def _baseline_at(steps: pd.DataFrame, times: pd.Series) -> np.ndarray:
@@ -352,8 +374,9 @@ def _lineage(lineage: pd.DataFrame, tests: dict[str, float]) -> str:
             changed = " (+{} -{} lines)".format(*diff_size(p.diff)) if isinstance(p.diff, str) else ""
             return ["hand edit", NONE, f"edited by hand: {p.old_baseline} -> {p.new_baseline}{changed}", NONE, NONE,
                     test, NONE, NONE, NONE]
+        test_gain = "not scored" if new is None else "old not scored" if old is None else _num(old - new, sign=True)
         return [_name(p.candidate_id), _name(p.agent), _short(p.description), _num(p.gain, sign=True),
-                _num(p.new_mean), test, "not scored" if new is None or old is None else _num(old - new, sign=True),
+                _num(p.new_mean), test, test_gain,
                 f"{_num(p.n_candidate, 0)} vs {_num(p.n_baseline, 0)}", _num(p.sigma)]
 
     rows = [[i + 1, _when(p.promoted_at), *cells(p)] for i, p in enumerate(lineage.itertuples())]
@@ -475,7 +498,8 @@ def _gpu_share(trials: pd.DataFrame) -> str:
             + _table(["node", "gpu", "trials", "busy h", "share"], rows))
 
 
-def _summary(trials: pd.DataFrame, promotions: pd.DataFrame, lineage: pd.DataFrame, steps: pd.DataFrame) -> str:
+def _summary(trials: pd.DataFrame, promotions: pd.DataFrame, lineage: pd.DataFrame, steps: pd.DataFrame,
+             tests: dict[str, float]) -> str:
     scored = _scored(trials)
     head = f"{_plural(len(trials), 'trial')} ({len(scored)} scored), {_plural(len(promotions), 'promotion')}"
     if len(scored):
@@ -485,7 +509,7 @@ def _summary(trials: pd.DataFrame, promotions: pd.DataFrame, lineage: pd.DataFra
         head += f", baseline now {_num(steps['mean'].iloc[-1])}"
     sections = [
         "# Research report", head + ".",
-        "## Lineage", _lineage(lineage, test_scores(trials)),
+        "## Lineage", _lineage(lineage, tests),
         "## Agents", _agents(trials, promotions, steps),
         "## Near misses", _near_misses(trials, promotions),
         "## GPU busy share", _gpu_share(trials),
@@ -503,13 +527,15 @@ def write_report(results: Path, out: Path | None = None) -> dict:
     results = Path(results)
     out = Path(out) if out is not None else results / "report"
     out.mkdir(parents=True, exist_ok=True)
-    trials, promotions = read_trials(results), read_promotions(results)
+    trials, lineage = read_trials(results), read_lineage(results)
+    promotions = lineage[lineage["kind"] == "promotion"].reset_index(drop=True)
     trials["agent"] = trials["agent"].fillna("").replace("", UNNAMED)  # files dropped by hand have no agent
-    steps = _baseline_steps(trials, promotions, _selection_sigma(results))
+    steps = _baseline_steps(trials, lineage, *_selection_now(results))
     png, timeline, summary = out / "progress.png", out / "timeline.png", out / "summary.md"
     _plot_progress(trials, promotions, steps, png)
     _plot_timeline(trials, timeline)
-    summary.write_text(_summary(trials, promotions, read_lineage(results), steps), encoding="utf-8")
+    summary.write_text(_summary(trials, promotions, lineage, steps, test_scores(read_rows(results))),
+                       encoding="utf-8")
     scored = _scored(trials)
     return {
         "png": png, "timeline": timeline, "summary": summary, "trials": len(trials), "scored": len(scored),

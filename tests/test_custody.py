@@ -127,7 +127,8 @@ def test_a_candidate_whose_reruns_are_all_refused_is_rejected_once_they_are_in(t
         decision = selection.record({**row(entry.trial_id, "cand", "confirm", None, base, sha), "status": "refused",
                                      "reason": f"{layout.sources / sha}.py no longer matches its sha256 name"})
     assert ran == ["cand-r2", "cand-r3", "cand-r4"]
-    assert decision == {"decision": "reject", "reason": "its first run screened well, and its reruns failed"}
+    assert decision == {"decision": "reject", "reason": "its first run screened well, and its reruns failed",
+                        "verdict": "rejected"}
     assert selection.state.candidates["cand"].done
 
 
@@ -192,6 +193,7 @@ def test_a_hand_edit_is_recorded_with_its_diff_and_shown_by_baseline(tmp_path, c
     assert results.read_promotions(layout.results).empty
     assert selection.sync_baseline()["notes"] == []  # recorded once
 
+    layout.baseline.write_bytes(source(1))  # `baseline` runs in a project folder only
     assert cli.main(["--root", str(tmp_path), "baseline"]) == 0
     text = capsys.readouterr().out
     assert f"hand edit of train.py: {base} -> {new} (+2 -2 lines)" in text and "gain" not in text
@@ -293,5 +295,6 @@ def test_promotion_files_written_before_kind_and_diff_still_read(tmp_path, capsy
     [read] = results.read_lineage(layout.results).to_dict(orient="records")
     assert read["kind"] == "promotion" and pd.isna(read["diff"]) and read["gain"] == 0.1
     assert list(results.read_promotions(layout.results)["candidate_id"]) == ["p1"]
+    layout.baseline.write_bytes(source(1))  # `baseline` runs in a project folder only
     assert cli.main(["--root", str(tmp_path), "baseline"]) == 0
     assert "p1 (a1): warmup gain 0.1000 on val" in capsys.readouterr().out
