@@ -48,7 +48,7 @@ def rule(name: str) -> Callable[[], float]:
 def default_overrun_margin() -> float:
     from scheduler import trial
 
-    return trial.OVERRUN_GRACE
+    return trial.HANDOVER_MARGIN
 
 
 def protocol(name: str) -> Callable[[], float]:
@@ -124,9 +124,6 @@ FIGURES = {
         agents=rf"\d+-byte{W}windows,{W}(\d+){W}per{W}forward",
         code=protocol("EVAL_BATCH")),
 }
-# The trial's clock and launch's default change together (issue 18, the lead's part): until then the code
-# still says 300 s. strict: once the code says 120 s this mark fails, and must go.
-PENDING = {"start-up allowance (s)": "launch --startup-allowance still defaults to 300 s; issue 18 makes it 120 s"}
 
 
 def find(pattern: str, text: str, document: str, figure: str) -> str:
@@ -144,9 +141,7 @@ def number(value: str) -> float:
     return float(value.rstrip("%"))
 
 
-PARAMS = [pytest.param(name, figure, id=name,
-                       marks=[pytest.mark.xfail(reason=PENDING[name], strict=True)] if name in PENDING else [])
-          for name, figure in FIGURES.items()]
+PARAMS = [pytest.param(name, figure, id=name) for name, figure in FIGURES.items()]
 
 
 def check(name: str, figure: Figure, agents_text: str, program_text: str) -> None:
@@ -183,7 +178,7 @@ def edited_once(pattern: str, text: str) -> str:
     return text[:start] + value + text[end:]
 
 
-@pytest.mark.parametrize("name,figure", [p for p in PARAMS if p.id not in PENDING])
+@pytest.mark.parametrize("name,figure", PARAMS)
 def test_an_edit_in_one_place_is_caught(name: str, figure: Figure):
     """The check above fails when one document's figure changes and nothing else does."""
     agents_text, program_text = AGENTS_MD.read_text(), PROGRAM_MD.read_text()
@@ -230,8 +225,6 @@ def status_table(text: str) -> list[str]:
     return re.findall(r"^\| `([a-z_]+)` \|", section, flags=re.M)
 
 
-@pytest.mark.xfail(reason="results.STATUSES gains export_failed and refused with the lead's part of issue 18",
-                   strict=True)
 def test_agents_md_explains_every_status():
     from scheduler.results import STATUSES
 
