@@ -162,6 +162,9 @@ def launch(opts: LaunchOptions) -> int:
     except LaunchBusy as busy:
         raise LaunchError(str(busy)) from None
     try:
+        # stop requests made to an earlier launch go before `stop` can see this one: those made from now on count
+        control.clear(layout)
+        presence.announce()
         return _run(opts, layout, local_gpus, sandbox, presence)
     finally:
         presence.release()
@@ -200,7 +203,6 @@ def _run(opts: LaunchOptions, layout: Layout, local_gpus: list[int] | None, sand
 
     try:
         layout.make()
-        control.clear(layout)
 
         from scheduler.record import RecordResults
         from scheduler.search import QueueSearcher, StopNow

@@ -1,7 +1,8 @@
 """Is a launch running in this root? The lock a launch holds for its lifetime, and the heartbeat it writes.
 
     presence = Presence.claim(layout)   # launch: LaunchBusy (naming the holder's pid and start) if one runs here
-    ...                                 # a thread rewrites the heartbeat every BEAT_S seconds
+    ...                                 # what must happen before readers see this launch (stale stop requests go)
+    presence.announce()                 # the heartbeat: written now, then every BEAT_S seconds by a thread
     presence.release()                  # at exit: marks the heartbeat stopped, frees the lock
 
     read(layout)                        # status, wait, stop: {"state": "running" | "stopped" | "gone" | "never", ...}
@@ -105,7 +106,8 @@ class Presence:
 
     @classmethod
     def claim(cls, layout: Layout) -> "Presence":
-        """Take the root's lock and start the heartbeat; LaunchBusy when another launch holds the lock."""
+        """Take the root's lock; LaunchBusy when another launch holds it. Readers see this launch once it
+        announces itself (`announce`)."""
         from filelock import FileLock, Timeout
 
         layout.results.mkdir(parents=True, exist_ok=True)
@@ -119,13 +121,15 @@ class Presence:
                 f"in another folder with --root") from None
         before = read(layout)
         pid = os.getpid()
-        presence = cls(layout, lock, {"pid": pid, "ticks": _start_ticks(pid), "host": socket.gethostname(),
-                                      "started": time.time(), "beat": time.time()},
-                       took_over=before if before["state"] in (RUNNING, GONE) else None)
-        presence._write()
-        presence._thread = threading.Thread(target=presence._beat, name="launch-heartbeat", daemon=True)
-        presence._thread.start()
-        return presence
+        return cls(layout, lock, {"pid": pid, "ticks": _start_ticks(pid), "host": socket.gethostname(),
+                                  "started": time.time(), "beat": time.time()},
+                   took_over=before if before["state"] in (RUNNING, GONE) else None)
+
+    def announce(self) -> None:
+        """Write the heartbeat, and rewrite it every BEAT_S seconds until `release`."""
+        self._write()
+        self._thread = threading.Thread(target=self._beat, name="launch-heartbeat", daemon=True)
+        self._thread.start()
 
     def _write(self, **fields) -> None:
         with self._writing:
@@ -147,11 +151,11 @@ class Presence:
                 pass
 
     def release(self) -> None:
-        """Stop the heartbeat, mark this launch stopped, free the lock."""
+        """Stop the heartbeat, mark this launch stopped (if it announced itself), free the lock."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
         try:
-            self._write(stopped=time.time())
+            if self._thread is not None:
+                self._thread.join()
+                self._write(stopped=time.time())
         finally:
             self.lock.release()

@@ -79,7 +79,7 @@ def project(tmp_path: Path) -> Layout:
 
 
 HOLDER = ("import sys, time\nfrom scheduler.layout import Layout\nfrom scheduler.presence import Presence\n"
-          "Presence.claim(Layout.at(sys.argv[1]))\nprint('held', flush=True)\ntime.sleep(600)\n")
+          "held = Presence.claim(Layout.at(sys.argv[1]))\nheld.announce()\nprint('held', flush=True)\ntime.sleep(600)\n")
 
 
 @pytest.fixture
@@ -120,6 +120,7 @@ def test_the_lock_of_a_killed_launch_is_taken_over(tmp_path, holder):
     first.wait()
     assert presence.read(layout)["state"] == presence.GONE
     held = presence.Presence.claim(layout)  # the kernel freed the dead launch's lock
+    held.announce()
     try:
         assert held.took_over["pid"] == first.pid and held.took_over["state"] == presence.GONE
         assert presence.read(layout)["state"] == presence.RUNNING and presence.read(layout)["pid"] == os.getpid()
@@ -161,6 +162,7 @@ def test_status_counts_submitted_files_and_says_whether_a_launch_runs(tmp_path, 
     assert code == 0 and "no launch has run here yet" in out
     assert "1 queued (1 submitted, not yet taken in), 0 running" in out and f"submitted {candidate}" in out
     held = presence.Presence.claim(layout)
+    held.announce()
     try:
         state = json.loads(run_cli(capsys, "--root", str(tmp_path), "status", "--json")[1])
         assert state["launch"]["state"] == "running" and state["launch"]["pid"] == os.getpid()

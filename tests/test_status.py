@@ -21,6 +21,7 @@ def busy_root(tmp_path):
     layout.make()
     layout.baseline.write_text("def build_model():\n    pass\n")
     held = presence.Presence.claim(layout)
+    held.announce()
     for i in range(14):
         queue.push(layout, queue.Entry(trial_id=f"c{i}-r1", candidate_id=f"c{i}", kind="candidate",
                                        source_sha256="0" * 64, agent=f"agent-{i % 2}", description=f"idea {i}"))
