@@ -1,6 +1,6 @@
 """How long the commands agents call all the time take, against a results folder of N rows.
 
-    python bench/cli_latency.py [--rows 200] [--repeat 7] [--bar 0.5]
+    python bench/cli_latency.py [--rows 200] [--repeat 7] [--bar 0.5] [--no-index]
 
 Builds a project folder in a temporary directory with no launch running: train.py, N
 trial rows (first runs, confirmation reruns, control runs, a few failures), a handful of
@@ -10,7 +10,8 @@ with its live progress. Then runs each command in a fresh `python -m scheduler` 
 against the bar (issue 19: each under 0.5 s on the 2-core machine with 200 rows).
 
 Process start-up and imports are what most of it costs: `python -X importtime -m scheduler
-status` shows where an import goes.
+status` shows where an import goes. `--no-index` deletes results/index/ first, as in a results
+folder written before the index existed: every row is then read from its Parquet file.
 """
 
 from __future__ import annotations
@@ -111,11 +112,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--bar", type=float, default=0.5, help="seconds each command should stay under")
+    parser.add_argument("--no-index", action="store_true", help="read every row from its Parquet file")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="cli-latency-"))
     try:
         root = folder / "root"
         finished = make_root(root, args.rows)
+        if args.no_index:
+            shutil.rmtree(root / "results" / "index", ignore_errors=True)
         variant = folder / "variant.py"
         variant.write_text((ROOT / "train.py").read_text() + "\n# a variant\n")
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -133,7 +137,7 @@ def main() -> None:
             "show --json": ["show", finished, "--json"],
         }
         timed(["status"], env, root)  # the first run fills the disk cache for every later one
-        print(f"{args.rows} rows, {args.repeat} runs each, {os.cpu_count()} cores, load "
+        print(f"{args.rows} rows{' (no index)' if args.no_index else ''}, {args.repeat} runs each, {os.cpu_count()} cores, load "
               f"{os.getloadavg()[0]:.1f}, python {sys.version.split()[0]}")
         print("| command | median s | max s | under the bar |")
         print("| --- | --- | --- | --- |")

@@ -29,8 +29,6 @@ import os
 import subprocess
 from pathlib import Path
 
-from filelock import FileLock
-
 from scheduler.layout import Layout, sha256_bytes
 
 LOCK_NAME = "train.py.lock"  # under results/: held while train.py is replaced
@@ -131,6 +129,8 @@ class Custody:
 
     def install(self, source: bytes) -> None:
         """Make `source` the root train.py, atomically, under the lock that readers of train.py may take."""
+        from filelock import FileLock  # imported here: `status` reads the selection's state through this module
+
         self.layout.results.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.layout.results / LOCK_NAME)):
             write_atomic(self.layout.baseline, source)

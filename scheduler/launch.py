@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from scheduler import control, prepare, queue
+from scheduler import control, prepare, queue, results
 from scheduler.console import say
 from scheduler.layout import Layout
 from scheduler.presence import LaunchBusy, Presence, holder_text
@@ -203,6 +203,7 @@ def _run(opts: LaunchOptions, layout: Layout, local_gpus: list[int] | None, sand
 
     try:
         layout.make()
+        results.build_index(layout.results)  # rows of an older results folder, for the commands' fast reads
 
         from scheduler.record import RecordResults
         from scheduler.search import QueueSearcher, StopNow

@@ -8,6 +8,8 @@
     results/queue/        queued trials (survive restarts)     results/queue/running/ trials handed to Ray
     results/runs/ID/      a trial's working folder and log     results/live/        progress of running trials
     results/baselines/    archived baselines                   results/control/     stop requests
+    results/index/        each row again as JSON (fast reads)  results/selection.json  the selection's state
+    results/launch.lock   held by the running launch           results/launch.json  its heartbeat
 """
 
 from __future__ import annotations

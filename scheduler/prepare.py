@@ -21,16 +21,13 @@ import contextlib
 import fcntl
 import gzip
 import hashlib
-import http.client
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -204,6 +201,11 @@ def _is_enwik8_name(name: str) -> bool:
 
 def _download(url: str, dest: Path, name: str) -> None:
     """Stream url into dest, printing progress to stderr every few seconds."""
+    # imported here: every command imports this module (through launch's options), few download anything
+    import http.client
+    import urllib.error
+    import urllib.request
+
     hint = (
         f"Check the network and the address, or download {name} yourself and run: "
         f"python -m scheduler prepare --from {name}"

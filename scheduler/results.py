@@ -17,7 +17,8 @@ NaN as null). The commands agents call all the time (`results`, `wait`, `status`
 read the JSON: importing pyarrow and pandas and opening 200 Parquet files cost them
 1-2 s each, the JSON costs milliseconds. A row without its JSON (written before the
 index existed, or the JSON write failed) is read from its Parquet file, so the index
-can be deleted at any time.
+can be deleted at any time; `build_index` (run by launch when it starts) writes what
+is missing.
 """
 
 from __future__ import annotations
@@ -177,6 +178,33 @@ def _read_all(folder: Path, columns: list[tuple[str, str]], order_by: str) -> pd
             warnings.warn(f"skipping damaged result file {path}: {error}", stacklevel=3)
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     return table.to_pandas().sort_values(order_by, kind="stable").reset_index(drop=True)
+
+
+def _index_missing(folder: Path, columns: list[tuple[str, str]]) -> int:
+    """Write the JSON of every record of `folder` that has none; returns how many. A damaged file is skipped
+    (the readers warn about it)."""
+    import pyarrow.parquet as pq
+
+    written = 0
+    for path in sorted(folder.glob("*.parquet")) if folder.is_dir() else ():
+        index = _index_path(folder, path.stem)
+        if index.exists():
+            continue
+        try:
+            [record] = pq.read_table(path, schema=_arrow_schema(tuple(columns))).to_pylist()
+        except Exception:  # noqa: BLE001 - truncated or foreign: read_rows names it when it skips it
+            continue
+        index.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(index, json.dumps({k: _jsonable(v) for k, v in record.items()}).encode())
+        written += 1
+    return written
+
+
+def build_index(results: Path) -> int:
+    """Index the rows and lineage rows written before results/index/ existed (launch does this when it starts,
+    so that an older results folder is read fast too); returns how many were indexed."""
+    return (_index_missing(trials_dir(results), _TRIAL_COLUMNS)
+            + _index_missing(promotions_dir(results), _PROMOTION_COLUMNS))
 
 
 def _read_records(folder: Path, columns: list[tuple[str, str]], order_by: str) -> list[dict]:

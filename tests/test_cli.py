@@ -366,3 +366,36 @@ def test_launch_exits_2_when_ray_does_not_start(tmp_path, capsys, monkeypatch, d
     assert presence.read(Layout.at(tmp_path))["state"] == presence.STOPPED  # the root is free again
     with pytest.raises(LaunchError):
         start_ray(lambda: (_ for _ in ()).throw(OSError("no")), attempts=1)
+
+
+# ---------------------------------------------------------------------------
+# 6. the commands read the JSON index, not Parquet through pandas
+# ---------------------------------------------------------------------------
+
+
+def test_the_index_gives_what_the_parquet_files_hold(tmp_path):
+    """read_rows (the index, or the Parquet file where a row has no JSON) and read_trials (pandas) agree on every
+    value and the order; build_index writes the JSON a row lacks."""
+    layout, selection, _ = scored_root(tmp_path)
+    record(selection, layout, "worse-r1", "worse", "candidate", 2.05, candidate(layout, 7))
+    record(selection, layout, "broken-r1", "broken", "candidate", None, candidate(layout, 8))
+    frame = results.read_trials(layout.results)
+    expected = json.loads(frame.to_json(orient="records", date_format="iso", date_unit="us"))
+    indexed = results.read_rows(layout.results)
+
+    def same(rows: list[dict]) -> None:
+        assert [r["trial_id"] for r in rows] == [r["trial_id"] for r in expected]
+        for got, want in zip(rows, expected):
+            for column, value in want.items():
+                if column.endswith("_at") and value is not None:  # pandas writes Z for UTC, the index +00:00
+                    assert got[column] == value.replace("Z", "+00:00"), column
+                else:
+                    assert got[column] == value, column
+
+    same(indexed)
+    index = layout.results / results.INDEX / "trials"
+    for path in list(index.glob("*.json"))[:3]:
+        path.unlink()
+    same(results.read_rows(layout.results))  # those three from their Parquet files
+    assert results.build_index(layout.results) == 3 and len(list(index.glob("*.json"))) == len(expected)
+    same(results.read_rows(layout.results))
