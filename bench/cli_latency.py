@@ -137,7 +137,8 @@ def main() -> None:
             "show --json": ["show", finished, "--json"],
         }
         timed(["status"], env, root)  # the first run fills the disk cache for every later one
-        print(f"{args.rows} rows{' (no index)' if args.no_index else ''}, {args.repeat} runs each, {os.cpu_count()} cores, load "
+        print(f"{args.rows} rows{' (no index)' if args.no_index else ''}, {args.repeat} runs each, "
+              f"{os.cpu_count()} cores, load "
               f"{os.getloadavg()[0]:.1f}, python {sys.version.split()[0]}")
         print("| command | median s | max s | under the bar |")
         print("| --- | --- | --- | --- |")

@@ -60,12 +60,13 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
-def not_running_note(layout: Layout) -> str:
-    """'' while a launch runs in the root, else what a waiting agent should know and do."""
-    launch = presence.read(layout)
-    if launch["state"] == presence.RUNNING:
-        return ""
-    return f"; no launch is running in {layout.root}: nothing runs until one starts (`python -m scheduler launch`)"
+def launch_note(layout: Layout) -> str:
+    """'' while a launch runs in the root and starts trials, else why a queued trial does not start."""
+    if presence.read(layout)["state"] != presence.RUNNING:
+        return f"; no launch is running in {layout.root}: nothing runs until one starts (`python -m scheduler launch`)"
+    if control.drain_requested(layout):
+        return "; the launch is draining (a stop was requested): it starts no new trials, the next launch will"
+    return ""
 
 
 # ---------------------------------------------------------------------------
@@ -148,14 +149,14 @@ def cmd_wait(args, layout: Layout) -> int:
             if not (verdict["verdict"] == PENDING and any(e.kind == "control" for e in entries)):
                 print(json.dumps({**row, "verdict": verdict}) if args.json else _result_line(row, verdict))
                 return OK if row["status"] == "ok" and verdict["verdict"] != REJECTED else FAILED
-            note = f"scored {row['val_bpc']:.4f}; judged once the baseline's control run has scored it"
+            note = (f"scored {row['val_bpc']:.4f}; judged once the baseline's control run has scored it"
+                    + launch_note(layout))
         elif not rows and not known:
             return fail(f"no candidate {args.id} in {layout.root}: `python -m scheduler results --agent NAME` "
                         f"lists your candidates' ids")
         else:
             live = sorted(layout.live.glob(f"{args.id}-*.json")) if layout.live.is_dir() else []
-            note = "queued" if not live else progress_line(json.loads(live[0].read_text()))
-        note += not_running_note(layout)
+            note = "queued" + launch_note(layout) if not live else progress_line(json.loads(live[0].read_text()))
         if note != last_note and not args.json:
             print(f"{args.id}: {note}", file=sys.stderr)
             last_note = note

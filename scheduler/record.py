@@ -121,7 +121,8 @@ class RecordResults(Callback):
         (layout.live / f"{row['trial_id']}.json").unlink(missing_ok=True)
         score = f"{row['val_bpc']:.4f} bpc" if row.get("val_bpc") is not None else row.get("reason", "")
         # the verdict, in the words `wait` and `results` use (pending, confirming, rejected, promoted)
-        say(f"done  {row['trial_id']}: {row['status']} {score} -> {decision.get('verdict') or decision.get('decision')}")
+        outcome = decision.get("verdict") or decision.get("decision")
+        say(f"done  {row['trial_id']}: {row['status']} {score} -> {outcome}")
 
     def on_experiment_end(self, trials, **info) -> None:
         self._write_rows(self._layout())

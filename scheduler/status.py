@@ -128,8 +128,10 @@ def queued_line(q: dict) -> str:
 def summary_lines(state: dict) -> list[str]:
     """The head of `status` and of the live view: the launch, the baseline and its score, the counts."""
     queued = len(state["queued"])
-    counts = (f"{queued} queued" + (f" ({state['submitted']} submitted, not yet taken in)" if state["submitted"] else "")
-              + f", {len(state['running'])} running" + (" (draining: no new trials start)" if state["draining"] else ""))
+    counts = (f"{queued} queued"
+              + (f" ({state['submitted']} submitted, not yet taken in)" if state["submitted"] else "")
+              + f", {len(state['running'])} running"
+              + (" (draining: no new trials start)" if state["draining"] else ""))
     if state["interrupted"]:
         counts += f", {len(state['interrupted'])} interrupted (run again when a launch starts)"
     return [launch_text(state["launch"]), f"baseline {state['baseline']}: {scores_text(state['baseline_scores'])}",

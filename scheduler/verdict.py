@@ -20,7 +20,8 @@ place that turns them, or their absence, into what `wait`, `show` and `results` 
 from __future__ import annotations
 
 from scheduler.layout import Layout
-from scheduler.selection import CONFIRMING, JUDGED, PENDING, PROMOTED, REJECTED, VERDICTS, Candidate, State  # noqa: F401
+from scheduler.selection import (CONFIRMING, JUDGED, PENDING, PROMOTED, REJECTED, VERDICTS,  # noqa: F401
+                                 Candidate, State)
 
 SELECTION, INTAKE = "selection", "intake"  # who judged: the `by` of a verdict
 # a state written before the selection kept verdicts: the decision is known, its figures are not

@@ -79,7 +79,8 @@ def project(tmp_path: Path) -> Layout:
 
 
 HOLDER = ("import sys, time\nfrom scheduler.layout import Layout\nfrom scheduler.presence import Presence\n"
-          "held = Presence.claim(Layout.at(sys.argv[1]))\nheld.announce()\nprint('held', flush=True)\ntime.sleep(600)\n")
+          "held = Presence.claim(Layout.at(sys.argv[1]))\nheld.announce()\n"
+          "print('held', flush=True)\ntime.sleep(600)\n")
 
 
 @pytest.fixture

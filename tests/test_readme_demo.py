@@ -60,7 +60,8 @@ def test_readme_cpu_demo_runs_as_written(tmp_path):
                 pass
         proc.wait()
     log = (folder / "launch.log").read_text(errors="replace")[-3000:] if (folder / "launch.log").exists() else ""
-    explain = f"exit {proc.returncode}\n--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-3000:]}\n--- launch.log ---\n{log}"
+    explain = (f"exit {proc.returncode}\n--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-3000:]}"
+               f"\n--- launch.log ---\n{log}")
     assert proc.returncode == 0, explain
     assert not left, f"processes of the demo left running: {left}\n{explain}"
     verdict = re.search(r"^(\S+): (ok, val_bpc [0-9.]+|\w+ \(.*\)); (pending|confirming|rejected|promoted)\b", out,
@@ -68,5 +69,6 @@ def test_readme_cpu_demo_runs_as_written(tmp_path):
     assert verdict, f"wait printed no verdict\n{explain}"
     assert re.search(r"^trial_id .* verdict ", out, flags=re.M) and f"{verdict.group(1)}-r1" in out, explain
     assert "val bpc" in out and "wrote " in out, explain  # baseline's score, report's files
-    assert (folder / "results" / "report" / "progress.png").exists() and (folder / "results" / "report" / "summary.md").exists()
+    report = folder / "results" / "report"
+    assert (report / "progress.png").exists() and (report / "summary.md").exists()
     assert "Traceback" not in err, explain
