@@ -282,7 +282,8 @@ def _plot_progress(trials: pd.DataFrame, promotions: pd.DataFrame, steps: pd.Dat
     ax.legend(kind_handles, kind_labels, loc="lower left", bbox_to_anchor=(1.005, 0), fontsize=10)
 
     best = f", best val bpc {scored['val_bpc'].min():.4f}" if len(scored) else ""
-    now = f", baseline now {steps['mean'].iloc[-1]:.4f}" if len(steps) else ""
+    # the selection's figure, as `baseline` and `status` give it; none while the baseline is unscored
+    now = f", baseline now {steps['mean'].iloc[-1]:.4f}" if len(steps) and not pd.isna(steps["mean"].iloc[-1]) else ""
     ax.set_title(f"{_plural(len(trials), 'trial')} ({len(scored)} scored, {len(failed)} failed or rejected), "
                  f"{_plural(len(promotions), 'promotion')}{best}{now}", fontsize=15)
     unlabelled = len(promotions) - _label_promotions(fig, ax, promotions)
@@ -505,7 +506,7 @@ def _summary(trials: pd.DataFrame, promotions: pd.DataFrame, lineage: pd.DataFra
     if len(scored):
         best = scored.loc[scored["val_bpc"].idxmin()]
         head += f", best val bpc {_num(best['val_bpc'])} ({_name(best['candidate_id'])}, {_name(best['agent'])})"
-    if len(steps):
+    if len(steps) and not pd.isna(steps["mean"].iloc[-1]):
         head += f", baseline now {_num(steps['mean'].iloc[-1])}"
     sections = [
         "# Research report", head + ".",
