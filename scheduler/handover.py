@@ -15,12 +15,12 @@ evaluation uses (LongTensor[EVAL_BATCH, WINDOW], static), in eval mode, and
 keeps its first graph (the "training IR": the aten operators the Python code
 called, `linear`, `reshape` and `scaled_dot_product_attention` whole). The
 program is traced in FP32 and the evaluation applies its own autocast (BF16 on
-a GPU); regions the code runs with autocast turned off (x-transformers computes
-its rotary positions so: in BF16 they cost the default model 0.017 bpc) stay
-marked as such, other autocast and no_grad regions are inlined. Only a
-graph with in-place operators is functionalised (`run_decompositions({})`,
-which costs as much again as the trace: 1.5 s on the GPU machine for the
-default model), so that writes to intermediates become pure operators and
+a GPU); regions the code runs with autocast turned off stay marked as such
+(x-transformers computes its rotary positions so; run in BF16 they cost a
+briefly trained default model 0.017 bpc on an H200), other autocast and
+no_grad regions are inlined. Only a graph with in-place operators is
+functionalised (`run_decompositions({})`, about as long again as the trace:
+1-1.5 s on the GPU machine for the default model), so that writes to intermediates become pure operators and
 writes to weights or the input show up and are refused. PROGRAM_FILE is that
 graph as JSON: a list of operator calls whose arguments are references to
 earlier calls, to the input or to a weight (by its tensor key), and plain
@@ -33,8 +33,8 @@ opens both files refusing symbolic links and anything but a regular file,
 under a size cap; parses the JSON and checks every field against the format
 below; looks every operator up in ALLOWED_OPS (pure tensor operators of the
 `aten` namespace, by name: no custom namespaces, no I/O, no randomness, no
-in-place or `out=` variants, no uninitialised memory, no data-dependent
-shapes); builds a `torch.fx.Graph` itself, with its own node names; reads the
+in-place or `out=` variants, no uninitialised memory, no tensor values read
+into Python); builds a `torch.fx.Graph` itself, with its own node names; reads the
 weights with `safetensors` (no pickle) and checks they are exactly the tensors
 the program declares, in an allowed dtype. Every device argument becomes the
 evaluation's device. Whatever it refuses raises `RefusedError`, whose message
@@ -118,8 +118,8 @@ NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 # RMSNorm, ScaleNorm, DynamicTanh, gates, QK norms, memory key/values, talking heads, top-k, ALiBi, relative and
 # dynamic position bias, CoPE, hyper-connections, GRU gating, mixture of softmaxes, ...) plus common pure tensor
 # operators a hand-written model uses. Each entry is checked at import: its schema must not be mutable and
-# it must not be tagged random, in-place, out= or data-dependent (scaled_dot_product_attention is tagged
-# random for its dropout, which ARGUMENT_RULES pins to 0).
+# it must not be tagged random, in-place, out= or data-dependent (scaled_dot_product_attention and dropout are
+# tagged random for their dropout, which ARGUMENT_RULES allows only when off).
 ALLOWED_OPS = (
     # arithmetic and comparisons
     "aten.add.Tensor", "aten.add.Scalar", "aten.sub.Tensor", "aten.sub.Scalar", "aten.subtract.Tensor",
@@ -154,42 +154,40 @@ ALLOWED_OPS = (
     "aten.selu.default", "aten.celu.default", "aten.leaky_relu.default", "aten.prelu.default",
     "aten.hardtanh.default", "aten.hardswish.default", "aten.hardsigmoid.default", "aten.softshrink.default",
     "aten.hardshrink.default", "aten.threshold.default", "aten.glu.default",
-    "aten.dropout.default", "aten.feature_dropout.default", "aten.alpha_dropout.default",  # eval mode only
+    "aten.dropout.default", "aten.feature_dropout.default", "aten.alpha_dropout.default",  # with train=False only
     # normalisation, softmax, reductions
-    "aten.layer_norm.default", "aten.native_layer_norm.default", "aten.rms_norm.default",
-    "aten.group_norm.default", "aten.native_group_norm.default", "aten._native_batch_norm_legit_no_training.default",
-    "aten.softmax.int", "aten._softmax.default", "aten.log_softmax.int", "aten._log_softmax.default",
-    "aten.logsumexp.default", "aten.sum.default", "aten.sum.dim_IntList", "aten.mean.default", "aten.mean.dim",
-    "aten.prod.default", "aten.prod.dim_int", "aten.var.correction", "aten.std.correction",
-    "aten.var_mean.correction", "aten.var.dim", "aten.std.dim", "aten.norm.ScalarOpt_dim", "aten.amax.default", "aten.amin.default", "aten.max.default", "aten.max.dim",
-    "aten.min.default", "aten.min.dim", "aten.argmax.default", "aten.argmin.default", "aten.any.default",
-    "aten.any.dim", "aten.any.dims", "aten.all.default", "aten.all.dim", "aten.linalg_vector_norm.default",
-    "aten.cumsum.default", "aten.cumprod.default", "aten.sort.default", "aten.sort.stable", "aten.topk.default",
+    "aten.layer_norm.default", "aten.native_layer_norm.default", "aten.rms_norm.default", "aten.group_norm.default",
+    "aten.native_group_norm.default", "aten._native_batch_norm_legit_no_training.default", "aten.softmax.int",
+    "aten._softmax.default", "aten.log_softmax.int", "aten._log_softmax.default", "aten.logsumexp.default",
+    "aten.sum.default", "aten.sum.dim_IntList", "aten.mean.default", "aten.mean.dim", "aten.prod.default",
+    "aten.prod.dim_int", "aten.var.correction", "aten.std.correction", "aten.var_mean.correction", "aten.var.dim",
+    "aten.std.dim", "aten.norm.ScalarOpt_dim", "aten.amax.default", "aten.amin.default", "aten.max.default",
+    "aten.max.dim", "aten.min.default", "aten.min.dim", "aten.argmax.default", "aten.argmin.default",
+    "aten.any.default", "aten.any.dim", "aten.any.dims", "aten.all.default", "aten.all.dim",
+    "aten.linalg_vector_norm.default", "aten.cumsum.default", "aten.cumprod.default", "aten.sort.default",
+    "aten.sort.stable", "aten.topk.default",
     # matrix products, convolutions, recurrent cells, attention
     "aten.linear.default", "aten.matmul.default", "aten.mm.default", "aten.bmm.default", "aten.addmm.default",
     "aten.baddbmm.default", "aten.mv.default", "aten.dot.default", "aten.outer.default", "aten.einsum.default",
-    "aten.tensordot.default",
-    "aten.conv1d.default", "aten.conv1d.padding", "aten.conv2d.default", "aten.conv2d.padding",
-    "aten.convolution.default", "aten.gru_cell.default", "aten.lstm_cell.default",
+    "aten.tensordot.default", "aten.conv1d.default", "aten.conv1d.padding", "aten.conv2d.default",
+    "aten.conv2d.padding", "aten.convolution.default", "aten.gru_cell.default", "aten.lstm_cell.default",
     "aten.scaled_dot_product_attention.default",
     # shapes, views, copies, indexing
     "aten.view.default", "aten._unsafe_view.default", "aten.reshape.default", "aten.view_as.default",
     "aten.reshape_as.default", "aten.expand.default", "aten.expand_as.default", "aten.contiguous.default",
     "aten.permute.default", "aten.transpose.int", "aten.swapaxes.default", "aten.t.default", "aten.numpy_T.default",
-    "aten.mT.default", "aten.unsqueeze.default",
-    "aten.squeeze.default", "aten.squeeze.dim", "aten.squeeze.dims", "aten.flatten.using_ints",
-    "aten.unflatten.int", "aten.movedim.int", "aten.moveaxis.int", "aten.slice.Tensor", "aten.select.int", "aten.narrow.default",
-    "aten.diagonal.default", "aten.split.Tensor", "aten.split.sizes", "aten.split_with_sizes.default",
-    "aten.chunk.default",
-    "aten.unbind.int", "aten.cat.default", "aten.stack.default", "aten.repeat.default",
-    "aten.repeat_interleave.self_int", "aten.tile.default", "aten.flip.default", "aten.roll.default",
-    "aten.tril.default", "aten.triu.default", "aten.pad.default", "aten.constant_pad_nd.default",
-    "aten.clone.default", "aten.alias.default", "aten.detach.default", "aten.copy.default",
-    "aten.lift_fresh_copy.default", "aten._to_copy.default", "aten.to.dtype", "aten.to.dtype_layout",
-    "aten.to.device", "aten.to.other", "aten.type_as.default", "aten.embedding.default", "aten.one_hot.default", "aten.index.Tensor", "aten.index_select.default",
-    "aten.gather.default", "aten.take_along_dim.default", "aten.scatter.src", "aten.scatter.value",
-    "aten.scatter_add.default", "aten.index_put.default", "aten.select_scatter.default",
-    "aten.slice_scatter.default",
+    "aten.mT.default", "aten.unsqueeze.default", "aten.squeeze.default", "aten.squeeze.dim", "aten.squeeze.dims",
+    "aten.flatten.using_ints", "aten.unflatten.int", "aten.movedim.int", "aten.moveaxis.int", "aten.slice.Tensor",
+    "aten.select.int", "aten.narrow.default", "aten.diagonal.default", "aten.split.Tensor", "aten.split.sizes",
+    "aten.split_with_sizes.default", "aten.chunk.default", "aten.unbind.int", "aten.cat.default",
+    "aten.stack.default", "aten.repeat.default", "aten.repeat_interleave.self_int", "aten.tile.default",
+    "aten.flip.default", "aten.roll.default", "aten.tril.default", "aten.triu.default", "aten.pad.default",
+    "aten.constant_pad_nd.default", "aten.clone.default", "aten.alias.default", "aten.detach.default",
+    "aten.copy.default", "aten.lift_fresh_copy.default", "aten._to_copy.default", "aten.to.dtype",
+    "aten.to.dtype_layout", "aten.to.device", "aten.to.other", "aten.type_as.default", "aten.embedding.default",
+    "aten.one_hot.default", "aten.index.Tensor", "aten.index_select.default", "aten.gather.default",
+    "aten.take_along_dim.default", "aten.scatter.src", "aten.scatter.value", "aten.scatter_add.default",
+    "aten.index_put.default", "aten.select_scatter.default", "aten.slice_scatter.default",
     # new tensors of given values (every device argument becomes the evaluation's device)
     "aten.arange.default", "aten.arange.start", "aten.arange.start_step", "aten.linspace.default",
     "aten.zeros.default", "aten.ones.default", "aten.full.default", "aten.zeros_like.default",
@@ -211,8 +209,9 @@ def _sdpa_without_dropout(args: list, kwargs: dict) -> str | None:
 
 def _dropout_off(args: list, kwargs: dict) -> str | None:
     train = kwargs.get("train", args[2] if len(args) > 2 else None)
-    return None if train is False else f"train={train!r}: dropout is random in training mode; the model is exported " \
-                                       "in eval mode, where it is off"
+    if train is False:
+        return None
+    return f"train={train!r}: dropout is random in training mode; the model is exported in eval mode, where it is off"
 
 
 # Operators allowed only with some arguments: a check that returns why the call is refused, or None. (These
@@ -366,8 +365,6 @@ def _emit(module: torch.fx.GraphModule, inputs: list, nodes: list[dict]) -> list
             env[node] = env[node.args[0]][node.args[1]]  # an output of an inlined region
         elif node.target is torch.ops.aten._assert_tensor_metadata.default and not node.users:
             continue  # a check of a tensor's dtype that computes nothing
-        elif node.target is torch.ops.aten.detach_.default:
-            env[node] = env[node.args[0]]  # marks a lifted constant as not needing gradients: no value changes
         else:
             if node.target is operator.getitem:
                 name = GETITEM
@@ -641,7 +638,7 @@ def validate(document: Any) -> Valid:
     return Valid(weights=weights, calls=tuple(calls), output=output["node"])
 
 
-def _read_regular(directory: int, name: str, cap: int) -> bytes:
+def read_regular_file(directory: int, name: str, cap: int) -> bytes:
     """The bytes of the regular file `name` in the open folder `directory`: no symbolic link, FIFO, device or
     folder, at most `cap` bytes (a file that grows while read is refused too)."""
     try:  # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer
@@ -676,7 +673,7 @@ def open_folder(out_dir: Path) -> int:
 
 def read_program(directory: int) -> Valid:
     """PROGRAM_FILE of the open folder, parsed and validated."""
-    raw = _read_regular(directory, PROGRAM_FILE, MAX_PROGRAM_BYTES)
+    raw = read_regular_file(directory, PROGRAM_FILE, MAX_PROGRAM_BYTES)
     try:
         document = json.loads(raw.decode("utf-8"), parse_constant=_refuse_json_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
@@ -686,7 +683,7 @@ def read_program(directory: int) -> Valid:
 
 def read_weights(directory: int, valid: Valid) -> dict[str, torch.Tensor]:
     """WEIGHTS_FILE of the open folder: exactly the declared tensors, in their declared shapes and dtypes."""
-    raw = _read_regular(directory, WEIGHTS_FILE, MAX_WEIGHTS_BYTES)
+    raw = read_regular_file(directory, WEIGHTS_FILE, MAX_WEIGHTS_BYTES)
     _expect(len(raw) >= 8, f"{WEIGHTS_FILE} is too short for a safetensors file")
     (header_size,) = struct.unpack("<Q", raw[:8])
     _expect(header_size <= min(MAX_HEADER_BYTES, len(raw) - 8), f"{WEIGHTS_FILE}: header of {header_size} bytes")
@@ -697,8 +694,9 @@ def read_weights(directory: int, valid: Valid) -> dict[str, torch.Tensor]:
     _expect(isinstance(header, dict), f"{WEIGHTS_FILE} has no valid safetensors header")
     header.pop("__metadata__", None)
     for key, info in header.items():
-        _expect(isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] in SAFETENSORS_DTYPES, f"{WEIGHTS_FILE}: tensor "
-                f"{key[:80]!r} has dtype {str(info.get('dtype') if isinstance(info, dict) else info)[:20]!r}; "
+        dtype = info.get("dtype") if isinstance(info, dict) else info
+        _expect(isinstance(dtype, str) and dtype in SAFETENSORS_DTYPES, f"{WEIGHTS_FILE}: tensor "
+                f"{key[:80]!r} has dtype {str(dtype)[:20]!r}; "
                 f"allowed: {sorted(DTYPES)}")
     extra, missing = set(header) - set(valid.weights), set(valid.weights) - set(header)
     _expect(not extra, f"{WEIGHTS_FILE} holds tensors the program does not declare: {sorted(extra)[:5]}")

@@ -49,8 +49,8 @@ import numpy as np
 import torch
 
 from scheduler import handover
-from scheduler.protocol import (EXIT_EXPORT, EXIT_NAN, EXPORT_TAG, PROGRESS_TAG, PROGRAM_FILE, RESULT_FILE,
-                                STATS_FILE, evaluation_command, send_go)
+from scheduler.protocol import (EVAL_BATCH, EXIT_EXPORT, EXIT_NAN, EXPORT_TAG, PROGRESS_TAG, PROGRAM_FILE,
+                                RESULT_FILE, STATS_FILE, WINDOW, evaluation_command, send_go)
 
 DEFAULT_BUDGET = 300.0
 WARMUP_STEPS = 3          # first steps compile and autotune: they are not counted as training time
@@ -325,7 +325,8 @@ class Run:
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
             reason = f"{type(error).__name__}: {lines[0] if lines else ''}"[:500]
             print(f"{EXPORT_TAG}{reason} (the model is traced with torch.export at the evaluation's input, "
-                  "LongTensor[64, 1024], in eval mode; AGENTS.md says what keeps a model exportable)", flush=True)
+                  f"LongTensor[{EVAL_BATCH}, {WINDOW}], in eval mode; scheduler/handover.py says what it accepts)",
+                  flush=True)
             sys.exit(EXIT_EXPORT)
 
     def _start_evaluation(self, train_path: Path) -> subprocess.Popen | None:
@@ -334,6 +335,7 @@ class Run:
         figures go beside the hand-over, to out/result.json."""
         if getattr(sys.modules["__main__"], "__file__", None) is None:  # an interactive session: finish() only saves
             return None
+        (self.out_dir / RESULT_FILE).unlink(missing_ok=True)  # an earlier run's figures are not this run's
         command = evaluation_command(self.out_dir, self.out_dir / RESULT_FILE, train_path.resolve().parent,
                                      self.device.type)
         return subprocess.Popen([*command, "--started", str(self._started), "--wait"], stdin=subprocess.PIPE)

@@ -70,6 +70,7 @@ def write_document(out: Path, doc: dict) -> None:
 def test_default_model_round_trip(tmp_path, tiny_train_source):
     """train.py's model (tiny settings) exports, reloads and gives the module's logits; its modes are restored."""
     train = tiny_train_module(tiny_train_source, tmp_path)
+    train.SDPA_BACKENDS = dict(enable_flash=True, enable_math=True)  # the CPU's fused kernel: half the time
     torch.manual_seed(0)
     model = train.build_model()
     model.train()
