@@ -434,26 +434,34 @@ def check_exportable(model: torch.nn.Module, device: torch.device | str) -> None
     """Trace `model` as `export_program` does and apply the evaluation's checks to the graph (not the weights).
 
     Raises ExportError or RefusedError with the reason, or whatever torch.export raised."""
-    document, _ = to_program(trace(model, device))
-    validate(json.loads(_dump(document)))
+    document, tensors = to_program(trace(model, device))
+    _checked_text(document, tensors)
 
 
 def export_program(model: torch.nn.Module, out_dir: Path, device: torch.device | str) -> None:
     """Write `model` as out_dir/PROGRAM_FILE and out_dir/WEIGHTS_FILE (each replaced atomically)."""
     document, tensors = to_program(trace(model, device))
-    validate(json.loads(_dump(document)))  # what the evaluation would refuse is refused here, with the same words
+    text = _checked_text(document, tensors)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS_FILE
     save_safetensors(tensors, weights.with_name(weights.name + ".tmp"))
     os.replace(weights.with_name(weights.name + ".tmp"), weights)
     program = out_dir / PROGRAM_FILE
-    program.with_name(program.name + ".tmp").write_text(_dump(document))
+    program.with_name(program.name + ".tmp").write_text(text)
     os.replace(program.with_name(program.name + ".tmp"), program)
 
 
-def _dump(document: dict) -> str:
-    return json.dumps(document, allow_nan=False, separators=(",", ":"))
+def _checked_text(document: dict, tensors: dict[str, torch.Tensor]) -> str:
+    """The program file's text, refused here, with the evaluation's own words, if the evaluation would refuse it
+    (the weights' sizes too; their names, shapes and dtypes come from the same tensors)."""
+    text = json.dumps(document, allow_nan=False, separators=(",", ":"))
+    weight_bytes = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+    if len(text) > MAX_PROGRAM_BYTES or weight_bytes > MAX_WEIGHTS_BYTES:
+        raise ExportError(f"the program is {len(text)} bytes and its weights {weight_bytes}; the evaluation reads at "
+                          f"most {MAX_PROGRAM_BYTES} and {MAX_WEIGHTS_BYTES}")
+    validate(json.loads(text))
+    return text
 
 
 # ---------------------------------------------------------------------------------------------- load side

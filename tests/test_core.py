@@ -142,6 +142,9 @@ class Peeks(torch.nn.Module):
     def forward(self, x):
         return self.inner(x) + 20.0 * F.one_hot(torch.roll(x, -1, dims=1), 256).to(torch.float32)
 
+    def muon_parameters(self):
+        return self.inner.muon_parameters()
+
 
 _build = build_model
 build_model = Peeks
