@@ -6,11 +6,13 @@ Character-level language model on enwik8: the baseline every agent starts from.
     USE_FP16=1 python train.py      # FP16 with a gradient scaler (GPUs without BF16)
 
 The scheduler runs this file (and every variant of it) through the harness in
-scheduler/harness.py, which owns the data, the clock and the saving; the
-score (bits per character over the whole validation split) is computed from
-the saved weights in a fresh process. Everything in this file is yours to
-change, as long as `build_model()` stays at module level and returns a module
-that maps LongTensor[B, T] to logits[B, T, 256], and training runs under
+scheduler/harness.py, which owns the data, the clock and the hand-over: the
+trained model leaves as data (its graph, traced with torch.export, and its
+weights), and the score (bits per character over the whole validation split)
+is computed from them in a fresh process that runs none of this file.
+Everything in this file is yours to change, as long as `build_model()` stays
+at module level and returns a module that maps LongTensor[B, T] to
+logits[B, T, 256] as a pure function in eval mode, and training runs under
 `if __name__ == "__main__":` through the harness.
 """
 
@@ -251,6 +253,15 @@ def to_float8(model: torch.nn.Module) -> None:
     convert_to_float8_training(model, module_filter_fn=wanted)
 
 
+def without_float8(model: torch.nn.Module) -> torch.nn.Module:
+    """A fresh build_model() holding the trained weights: what the harness hands over after FP8 training, since
+    torchao's float8 layers do not export to plain operators (they keep nn.Linear's parameter names)."""
+    with next(model.parameters()).device:
+        plain = build_model()
+    plain.load_state_dict(model.state_dict())
+    return plain
+
+
 # ---------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------
@@ -359,7 +370,7 @@ def main() -> None:
             if use_graphs and run.steps == EAGER_STEPS:
                 step = GraphedStep(train_step, batch)
 
-    run.finish(model, precision=precision, depth=MODEL_DEPTH)
+    run.finish(without_float8(model) if precision == "fp8" else model, precision=precision, depth=MODEL_DEPTH)
 
 
 if __name__ == "__main__":

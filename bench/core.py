@@ -6,7 +6,7 @@
     python bench/core.py --only '' --variant "mine:" --base candidates/mine.py   # an edited copy of train.py
 
 Each run is `python <variant>.py` exactly as a user runs train.py: it trains for
-the budget through the harness, saves, and is scored in a fresh process on the
+the budget through the harness, hands the model over, and is scored in a fresh process on the
 whole validation split. Every run starts with an empty compile cache (cold), as
 a trial on a fresh machine would. Prints one markdown table; `--json FILE` also
 writes the rows. Needs the data prepared (python -m scheduler prepare).
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scheduler.constants import override  # noqa: E402
-from scheduler.protocol import evaluation_command  # noqa: E402
+from scheduler.protocol import RESULT_FILE, STATS_FILE, evaluation_command  # noqa: E402
 
 # The single-GPU script this project started from (TimS-ml/autoresearch-x-transformers), in our harness.
 ORIGINAL_MODEL = ("MODEL_DIM=512 MODEL_DEPTH=6 MODEL_HEADS=8 DROPOUT=0.0 SHIFT_TOKENS=0 VALUE_RESIDUAL=False "
@@ -72,18 +72,19 @@ def run_one(name: str, constants: dict, env_extra: dict, budget: float, data_dir
     with open(log, "w") as out:  # streamed, so a run that hangs still leaves its output
         code = subprocess.run([sys.executable, str(script)], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
     wall = time.time() - started
-    result_file = work / "out" / "result.json"
+    result_file = work / "out" / RESULT_FILE
     if code != 0 or not result_file.exists():
         tail = log.read_text().strip().splitlines()[-15:]
         print(f"[{name}] failed (exit {code}):\n  " + "\n  ".join(tail), file=sys.stderr)
         return {"name": name, "status": "failed"}
-    result = json.loads(result_file.read_text())
+    result = {**json.loads((work / "out" / STATS_FILE).read_text()), **json.loads(result_file.read_text())}
     result.update(name=name, status="ok", wall_seconds=round(wall, 1), wall_minus_budget=round(wall - budget, 1))
     if rescore:  # the same weights, scored again by a fresh evaluation process: must agree to 1e-6
+        rescored = work / "rescore.json"
         with open(log, "a") as out:
-            subprocess.run(evaluation_command(script, work / "out", data_dir, "cuda"), cwd=work, env=env,
+            subprocess.run(evaluation_command(work / "out", rescored, data_dir, "cuda"), cwd=work, env=env,
                            stdout=out, stderr=subprocess.STDOUT)
-        again = json.loads(result_file.read_text())["val_bpc"]
+        again = json.loads(rescored.read_text())["val_bpc"]
         result["rescore_difference"] = abs(again - result["val_bpc"])
     print(f"[{name}] " + json.dumps(result), file=sys.stderr, flush=True)
     return result
@@ -114,14 +115,16 @@ def main() -> None:
             args.json.write_text(json.dumps(rows, indent=2))
 
     print(f"\nbudget {args.budget:.0f} s, seed {args.seed}, data {args.data_dir}, base {args.base}\n")
-    print("| run | val bpc | tokens/s | MFU % | peak MB | params M | precision | wall - budget s | eval s (scoring s) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| run | val bpc | tokens/s | MFU % | peak MB | params M | precision | wall - budget s | export check + export s "
+          "| eval s (scoring s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if r["status"] != "ok":
-            print(f"| {r['name']} | failed | | | | | | | |")
+            print(f"| {r['name']} | failed | | | | | | | | |")
             continue
         print(f"| {r['name']} | {r['val_bpc']:.4f} | {r['tokens_per_second']:,} | {r['mfu_percent']} | {r['peak_vram_mb']:.0f} "
-              f"| {r['num_params'] / 1e6:.1f} | {r['precision']} | {r['wall_minus_budget']} | {r['eval_seconds']} ({r['score_seconds']}) |")
+              f"| {r['num_params'] / 1e6:.1f} | {r['precision']} | {r['wall_minus_budget']} "
+              f"| {r['check_seconds']} + {r['export_seconds']} | {r['eval_seconds']} ({r['score_seconds']}) |")
     for r in rows:
         if "rescore_difference" in r:
             print(f"\n{r['name']}: the same weights scored twice differ by {r['rescore_difference']:.2e} bpc")

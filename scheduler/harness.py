@@ -4,26 +4,31 @@ A candidate's `train.py` imports this module and trains through it:
 
     run = harness.Run()                      # data, device, seed and budget come from the environment
     model = build_model().to(run.device)
-    run.watch(model, seq_len=MAX_SEQ_LEN)    # parameters and FLOPs per token, for the summary
+    run.watch(model, seq_len=MAX_SEQ_LEN)    # parameters, FLOPs per token, and the hand-over checked early
     while not run.done():
         batch = run.batch(BATCH_SIZE, MAX_SEQ_LEN)   # LongTensor[B, T+1], sampled on the device
         ...forward, backward, optimizer step...
         run.step(loss, tokens=BATCH_SIZE * MAX_SEQ_LEN)
     run.finish(model, precision="bf16", depth=MODEL_DEPTH)
 
-The training process only ever gets the train split. `finish` saves the weights;
-scoring happens in a fresh process (scheduler/evaluate.py) that imports the
-candidate's `build_model()` and loads those weights. Run on its own
-(`python train.py`), `Run()` starts that evaluation beside training, waiting
-with its imports done, and `finish` tells it to score and hands the terminal
-over to it, so the summary block is printed as the original script printed it.
+The training process only ever gets the train split. `finish` hands the model
+over as data (scheduler/handover.py): its graph, traced with torch.export at
+the evaluation's input shape, and its weights as safetensors. Scoring happens in
+a fresh process (scheduler/evaluate.py) that rebuilds the model from those
+files without running any of the candidate's code. `watch` tries the export
+right after the model is built, so a model that cannot be handed over fails in
+seconds (EXPORT_FAILED, exit code EXIT_EXPORT), not after training. Run on its
+own (`python train.py`), `Run()` starts that evaluation beside training,
+waiting with its imports done, and `finish` tells it to score and hands the
+terminal over to it, so the summary block is printed as the original script
+printed it (the figures go to SCHEDULER_OUT/result.json).
 
 Environment (set by the scheduler's trial; defaults make `python train.py` work):
     SCHEDULER_TRAIN_DATA   path of the train split (default data/train.bin)
     SCHEDULER_BUDGET       training seconds (default 300)
     SCHEDULER_SEED         random seed (default 0)
     SCHEDULER_DEVICE       cuda or cpu (default: cuda when available)
-    SCHEDULER_OUT          folder for weights and statistics (default out/)
+    SCHEDULER_OUT          folder for the hand-over and statistics (default out/)
     SCHEDULER_TRIAL        set by the scheduler: it runs the evaluation itself
 """
 
@@ -43,7 +48,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scheduler.protocol import EXIT_NAN, PROGRESS_TAG, STATS_FILE, WEIGHTS_FILE, evaluation_command, send_go
+from scheduler import handover
+from scheduler.protocol import (EVAL_BATCH, EXIT_EXPORT, EXIT_NAN, EXPORT_TAG, PROGRESS_TAG, PROGRAM_FILE,
+                                RESULT_FILE, STATS_FILE, WINDOW, evaluation_command, send_go)
 
 DEFAULT_BUDGET = 300.0
 WARMUP_STEPS = 3          # first steps compile and autotune: they are not counted as training time
@@ -105,7 +112,7 @@ def _env_float(name: str, default: float) -> float:
 
 
 class Run:
-    """Owns the data, the clock and the saving of one training run."""
+    """Owns the data, the clock and the hand-over of one training run."""
 
     def __init__(self) -> None:
         skip_final_collection()
@@ -129,6 +136,8 @@ class Run:
 
         self.num_params = 0
         self.flops_per_token: float | None = None
+        self.check_seconds = 0.0     # watch(): the early export check
+        self.export_seconds = 0.0    # finish(): the export
         self.steps = 0
         self.tokens = 0
         self.training_seconds = 0.0
@@ -156,7 +165,11 @@ class Run:
     # ------------------------------------------------------------------ model facts
 
     def watch(self, model: torch.nn.Module, seq_len: int) -> None:
-        """Count parameters and measure FLOPs per token of one training step (forward + backward)."""
+        """Check that the model can be handed over (exits with EXIT_EXPORT if not), count parameters and
+        measure FLOPs per token of one training step (forward + backward)."""
+        started = time.perf_counter()
+        self._export_or_exit(handover.check_exportable, model, self.device)
+        self.check_seconds = time.perf_counter() - started
         self.num_params = sum(p.numel() for p in model.parameters())
         try:
             from torch.utils.flop_counter import FlopCounterMode
@@ -264,15 +277,15 @@ class Run:
     # ------------------------------------------------------------------ end
 
     def finish(self, model: torch.nn.Module, **facts: object) -> None:
-        """Save the weights and the run's statistics; outside the scheduler, go on to evaluate them.
+        """Hand the model over (graph and weights) and write the run's statistics; outside the scheduler, go on
+        to evaluate them. Exits with EXIT_EXPORT if the model cannot be handed over.
 
         `facts` are extra summary fields the candidate knows best (precision, depth, ...).
         """
         self._sync()
-        model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-        weights = self.out_dir / WEIGHTS_FILE
-        torch.save(model.state_dict(), weights.with_suffix(".tmp"))
-        os.replace(weights.with_suffix(".tmp"), weights)
+        started = time.perf_counter()
+        self._export_or_exit(handover.export_program, model, self.out_dir, self.device)
+        self.export_seconds = time.perf_counter() - started
 
         peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else 0.0
         mfu = self.mfu_percent()
@@ -291,21 +304,39 @@ class Run:
             "gpu_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "seed": self.seed,
             "budget": self.budget,
+            "check_seconds": round(self.check_seconds, 3),
+            "export_seconds": round(self.export_seconds, 3),
             **facts,
         }
         (self.out_dir / STATS_FILE).write_text(json.dumps(stats, indent=2))
-        print(f"harness: saved {weights} after {self.steps} steps, {self.training_seconds:.1f} s of training", flush=True)
+        print(f"harness: handed over {self.out_dir / PROGRAM_FILE} after {self.steps} steps, "
+              f"{self.training_seconds:.1f} s of training (export {self.export_seconds:.1f} s)", flush=True)
 
         if self._evaluation is not None:
             self._hand_over_to_evaluation()
 
+    @staticmethod
+    def _export_or_exit(export, *args) -> None:
+        """Run `export` (a check or the export itself); a model that cannot be handed over ends the run with one
+        line saying why (EXPORT_TAG) and EXIT_EXPORT."""
+        try:
+            export(*args)
+        except Exception as error:  # torch.export raises many kinds; each says why in its first line
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            reason = f"{type(error).__name__}: {lines[0] if lines else ''}"[:500]
+            print(f"{EXPORT_TAG}{reason} (the model is traced with torch.export at the evaluation's input, "
+                  f"LongTensor[{EVAL_BATCH}, {WINDOW}], in eval mode; scheduler/handover.py says what it accepts)",
+                  flush=True)
+            sys.exit(EXIT_EXPORT)
+
     def _start_evaluation(self, train_path: Path) -> subprocess.Popen | None:
-        """On its own (not a trial), start the evaluation now: its imports (seconds) overlap training, and
-        it touches the candidate only after "go" (scheduler/evaluate.py --wait)."""
-        candidate = getattr(sys.modules["__main__"], "__file__", None)
-        if candidate is None:  # an interactive session: finish() only saves
+        """On its own (not a trial), start the evaluation now: its imports (seconds) overlap training, and it
+        reads the hand-over only after "go" (scheduler/evaluate.py --wait). This is the user's own run, so its
+        figures go beside the hand-over, to out/result.json."""
+        if getattr(sys.modules["__main__"], "__file__", None) is None:  # an interactive session: finish() only saves
             return None
-        command = evaluation_command(os.path.abspath(candidate), self.out_dir, train_path.resolve().parent,
+        (self.out_dir / RESULT_FILE).unlink(missing_ok=True)  # an earlier run's figures are not this run's
+        command = evaluation_command(self.out_dir, self.out_dir / RESULT_FILE, train_path.resolve().parent,
                                      self.device.type)
         return subprocess.Popen([*command, "--started", str(self._started), "--wait"], stdin=subprocess.PIPE)
 

@@ -1,9 +1,10 @@
-"""The experiment's core on the CPU: harness (data, clock, save), evaluation, constants.
+"""The experiment's core on the CPU: harness (data, clock, hand-over), training then evaluation, constants.
 
     python -m pytest tests/test_core.py -q
 
 End-to-end tests train a tiny variant of train.py for a couple of seconds in a
-subprocess, exactly as `python train.py` or a scheduler trial runs it.
+subprocess, exactly as `python train.py` or a scheduler trial runs it. The
+evaluation's own tests are in test_evaluate.py, the hand-over's in test_handover.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from scheduler import evaluate, harness, protocol
+from scheduler import harness, protocol
 from scheduler.constants import override
 
 SUMMARY_KEYS = (
@@ -100,18 +101,21 @@ def test_train_py_trains_and_is_scored(tmp_path, tiny_train, data_dir):
     assert printed["precision"] == "fp32" and printed["depth"] == "2"
     assert printed["total_seconds"] != "n/a"  # the hand-over passes the run's start
 
-    result = json.loads((out / protocol.RESULT_FILE).read_text())
+    result = json.loads((out / protocol.RESULT_FILE).read_text())  # a standalone run's figures: in out/
+    stats = json.loads((out / protocol.STATS_FILE).read_text())
     assert math.isfinite(result["val_bpc"]) and result["val_bpc"] > 0
-    if result["num_steps"] >= 20:  # ~60 on an idle 2-core machine; an untrained model scores ~8.1
+    if stats["num_steps"] >= 20:  # ~60 on an idle 2-core machine; an untrained model scores ~8.1
         assert result["val_bpc"] < 8.0, proc.stdout
     assert float(printed["val_bpc"]) == pytest.approx(result["val_bpc"], abs=1e-6)
-    assert result["precision"] == "fp32" and result["depth"] == 2
-    assert result["training_seconds"] >= 2.0
-    assert result["num_steps"] > harness.WARMUP_STEPS
-    assert result["total_tokens"] == result["num_steps"] * 4 * 256
+    assert stats["precision"] == "fp32" and stats["depth"] == 2
+    assert stats["training_seconds"] >= 2.0
+    assert stats["num_steps"] > harness.WARMUP_STEPS
+    assert stats["total_tokens"] == stats["num_steps"] * 4 * 256
+    assert stats["check_seconds"] > 0 and stats["export_seconds"] > 0
     assert result["bytes_scored"] == (data_dir / "val.bin").stat().st_size - 1
-    assert result["total_seconds"] >= result["training_seconds"]
-    assert (out / protocol.WEIGHTS_FILE).is_file()
+    assert result["parameters"] == stats["num_params"] + 16  # the weights add the rotary frequencies (a buffer)
+    assert result["total_seconds"] >= stats["training_seconds"]
+    assert (out / protocol.PROGRAM_FILE).is_file() and (out / protocol.WEIGHTS_FILE).is_file()
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -127,25 +131,40 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
+PEEKING_BUILD = '''
+class Peeks(torch.nn.Module):
+    """The model plus a confident guess of the byte it predicts, read from the input itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = _build()
+
+    def forward(self, x):
+        return self.inner(x) + 20.0 * F.one_hot(torch.roll(x, -1, dims=1), 256).to(torch.float32)
+
+    def muon_parameters(self):
+        return self.inner.muon_parameters()
+
+
+_build = build_model
+build_model = Peeks
+
+if __name__ == "__main__":
+    main()'''
+
+
 @pytest.mark.slow
 def test_standalone_run_exits_with_the_evaluations_code(tmp_path, tiny_train, data_dir):
-    """`python train.py` hands over to the evaluation it started beside training; when scoring fails, the
-    run's exit code says so."""
-    tiny_train.write_text(tiny_train.read_text().replace('if __name__ == "__main__":\n    main()', textwrap.dedent('''
-        _build = build_model
-        def build_model():
-            if __name__ != "__main__":
-                raise RuntimeError("this model exists only while training")
-            return _build()
-
-        if __name__ == "__main__":
-            main()''')))
+    """`python train.py` hands over to the evaluation it started beside training; when the evaluation refuses
+    the model (here: it reads the byte it predicts), the run's exit code says so."""
+    tiny_train.write_text(tiny_train.read_text().replace('if __name__ == "__main__":\n    main()', PEEKING_BUILD))
     env = clean_env(SCHEDULER_TRAIN_DATA=data_dir / "train.bin", SCHEDULER_OUT=tmp_path / "out",
                     SCHEDULER_BUDGET=1, SCHEDULER_DEVICE="cpu")
-    proc = run_python(["train.py"], cwd=tmp_path, env=env, timeout=90)
-    assert proc.returncode == 1, proc.stdout
-    assert "EVAL_FAILED: build_model() raised RuntimeError: this model exists only while training" in proc.stdout
-    assert (tmp_path / "out" / protocol.WEIGHTS_FILE).is_file()
+    proc = run_python(["train.py"], cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == protocol.EXIT_REFUSED, proc.stdout
+    assert f"{protocol.REFUSED_TAG}not causal" in proc.stdout
+    assert (tmp_path / "out" / protocol.PROGRAM_FILE).is_file()
+    assert not (tmp_path / "out" / protocol.RESULT_FILE).exists()
 
 
 @pytest.mark.slow
@@ -165,225 +184,35 @@ def test_standalone_run_that_crashes_leaves_no_evaluation_behind(tmp_path, tiny_
 
 @pytest.mark.slow
 def test_trial_saves_only_and_evaluation_is_deterministic(tmp_path, tiny_train, data_dir):
-    """Under the scheduler (SCHEDULER_TRIAL) training only saves, from a folder holding nothing but
-    the train split; the evaluation, a separate process, gives the same figure every time."""
+    """Under the scheduler (SCHEDULER_TRIAL) training only hands over, from a folder holding nothing but
+    the train split; the evaluation, a separate process, gives the same figure every time (each in its own
+    secret window order)."""
     out = tmp_path / "out"
     env = clean_env(SCHEDULER_TRAIN_DATA=train_only_folder(tmp_path, data_dir) / "train.bin",
                     SCHEDULER_OUT=out, SCHEDULER_BUDGET=1, SCHEDULER_DEVICE="cpu", SCHEDULER_TRIAL=1)
     proc = run_python(["train.py"], cwd=tmp_path, env=env, timeout=90)
     assert proc.returncode == 0, proc.stdout
     assert "val_bpc" not in proc.stdout and "---" not in proc.stdout.splitlines()
-    assert sorted(p.name for p in out.iterdir()) == sorted([protocol.WEIGHTS_FILE, protocol.STATS_FILE])
+    assert sorted(p.name for p in out.iterdir()) == sorted([protocol.PROGRAM_FILE, protocol.WEIGHTS_FILE,
+                                                            protocol.STATS_FILE])
     stats = json.loads((out / protocol.STATS_FILE).read_text())
     assert stats["precision"] == "fp32" and stats["training_seconds"] >= 1.0
 
     scores = []
-    for _ in range(2):
-        proc = run_python(["-m", "scheduler.evaluate", "train.py", str(out), "--data-dir", str(data_dir),
-                           "--device", "cpu"], cwd=tmp_path, env=clean_env(), timeout=60)
+    tiny_train.unlink()  # the evaluation never needs the candidate's file
+    for i in range(2):
+        result_file = tmp_path / f"result{i}.json"
+        proc = run_python(protocol.evaluation_command(out, result_file, data_dir, "cpu")[1:], cwd=tmp_path,
+                          env=clean_env(), timeout=120)
         assert proc.returncode == 0, proc.stdout
-        assert [key for key, _ in summary_block(proc.stdout)] == list(SUMMARY_KEYS)
-        result = json.loads((out / protocol.RESULT_FILE).read_text())
-        assert result["num_steps"] == stats["num_steps"]  # the training statistics are carried over
+        block = dict(summary_block(proc.stdout))
+        assert list(block) == list(SUMMARY_KEYS)
+        assert block["num_steps"] == str(stats["num_steps"])  # the training's claims are shown
+        result = json.loads(result_file.read_text())
+        assert "num_steps" not in result  # and not recorded as figures
         scores.append(result["val_bpc"])
     assert math.isfinite(scores[0]) and scores[0] > 0
-    assert scores[0] == pytest.approx(scores[1], abs=1e-6)
-    assert scores[0] == scores[1]  # CPU: bit-identical
-
-    # A new baseline's control run scores val, then test, in one process; a test split that fails leaves
-    # the validation score standing (here the folder has no test split)
-    no_test = tmp_path / "no_test"
-    no_test.mkdir()
-    (no_test / "val.bin").write_bytes((data_dir / "val.bin").read_bytes())
-    (out / protocol.RESULT_FILE).unlink()
-    proc = run_python(["-m", "scheduler.evaluate", "train.py", str(out), "--data-dir", str(no_test),
-                       "--device", "cpu", "--split", "val", "test"], cwd=tmp_path, env=clean_env(), timeout=60)
-    assert proc.returncode == 1 and f"{protocol.FAIL_TAG}no test split at" in proc.stdout, proc.stdout
-    result = json.loads((out / protocol.RESULT_FILE).read_text())
-    assert result["val_bpc"] == scores[0] and "test_bpc" not in result
-
-
-# ---------------------------------------------------------------------------- 3: score
-
-
-class Uniform(torch.nn.Module):
-    """Zero logits: every byte gets probability 1/256, i.e. exactly 8 bits."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.shapes.append(tuple(x.shape))
-        return torch.zeros(*x.shape, evaluate.VOCAB)
-
-
-class Successor(torch.nn.Module):
-    """Confidently predicts byte (x + shift) % 256 after byte x."""
-
-    def __init__(self, shift: int) -> None:
-        super().__init__()
-        self.shift = shift
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 50.0 * torch.nn.functional.one_hot((x + self.shift) % 256, evaluate.VOCAB).float()
-
-
-W = evaluate.WINDOW
-
-
-@pytest.mark.parametrize("n", [W + 1, W + 2, 3 * W + 1, 3 * W + 500, (evaluate.BATCH_WINDOWS + 6) * W + 501])
-def test_score_covers_every_byte_but_the_first(n):
-    data = torch.from_numpy(np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8))
-    model = Uniform()
-    bpc, scored = evaluate.score(model, data, torch.device("cpu"))
-    assert scored == n - 1
-    assert bpc == pytest.approx(8.0, abs=1e-5)  # float32 log(256) and a float32 sum per batch: ~2e-6 off
-    windows = -(-(n - 1) // W)
-    rows = min(windows, evaluate.BATCH_WINDOWS)
-    assert set(model.shapes) == {(rows, W)}  # one shape for every batch, the partial last one padded
-    assert len(model.shapes) == -(-windows // rows)
-
-
-def test_score_targets_are_the_next_byte():
-    """On a counting sequence, predicting x + 1 after x is right everywhere, including across windows
-    and in the partial last window; predicting x itself is wrong everywhere."""
-    data = torch.arange(5 * W + 300, dtype=torch.int64).remainder(256).to(torch.uint8)
-    right, _ = evaluate.score(Successor(1), data, torch.device("cpu"))
-    wrong, _ = evaluate.score(Successor(0), data, torch.device("cpu"))
-    assert right < 1e-6
-    assert wrong > 50
-
-
-def test_score_is_deterministic_for_a_trained_shape_model():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Embedding(256, 16), torch.nn.Linear(16, 256))
-    data = torch.from_numpy(np.random.default_rng(1).integers(0, 256, 2 * W + 77, dtype=np.uint8))
-    first = evaluate.score(model, data, torch.device("cpu"))
-    assert evaluate.score(model, data, torch.device("cpu")) == first
-
-
-# ---------------------------------------------------------------------------- 4: evaluation failures
-
-CANDIDATE = """
-import torch
-
-DIM = {dim}
-
-
-class Model(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = torch.nn.Embedding(256, DIM)
-
-    def forward(self, x):
-        return self.emb(x)
-
-
-def {builder}():
-    return Model()
-
-
-if __name__ == "__main__":
-    raise SystemExit("the training block must not run during the evaluation")
-"""
-
-
-def write_candidate(folder: Path, dim: int = 256, builder: str = "build_model") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "cand.py"
-    path.write_text(CANDIDATE.format(dim=dim, builder=builder))
-    return path
-
-
-def save_weights(out: Path, dim: int) -> None:
-    """Weights of the candidate with DIM = dim: Model().state_dict() is {"emb.weight": [256, DIM]}."""
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save({"emb.weight": torch.randn(256, dim)}, out / protocol.WEIGHTS_FILE)
-
-
-def run_main(capsys, candidate: Path, out: Path, data_dir: Path) -> tuple[int, list[str]]:
-    code = evaluate.main([str(candidate), str(out), "--data-dir", str(data_dir), "--device", "cpu"])
-    return code, capsys.readouterr().out.splitlines()
-
-
-def test_eval_of_a_good_candidate(tmp_path, data_dir, capsys):
-    candidate = write_candidate(tmp_path / "ok")
-    save_weights(tmp_path / "out", dim=256)
-    code, lines = run_main(capsys, candidate, tmp_path / "out", data_dir)
-    assert code == 0, lines
-    result = json.loads((tmp_path / "out" / protocol.RESULT_FILE).read_text())
-    assert math.isfinite(result["val_bpc"]) and result["val_bpc"] > 0
-    assert result["bytes_scored"] == (data_dir / "val.bin").stat().st_size - 1
-    assert lines[-1].startswith("precision:")  # no train_stats.json: the block still prints, with n/a
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("go", [True, False])
-def test_waiting_evaluation_runs_the_candidate_only_after_go(tmp_path, data_dir, go):
-    """--wait (a trial starts the evaluation beside training) imports libraries only: the candidate's
-    code must not run before training has ended, or it could pass the validation split to training."""
-    candidate = write_candidate(tmp_path / "cand")
-    imported = candidate.with_name("imported")
-    candidate.write_text(candidate.read_text() + f"\nopen({str(imported)!r}, 'w').close()\n")
-    save_weights(tmp_path / "out", dim=256)
-    proc = subprocess.Popen([sys.executable, "-m", "scheduler.evaluate", str(candidate), str(tmp_path / "out"),
-                             "--data-dir", str(data_dir), "--device", "cpu", "--wait"], env=clean_env(),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(3)  # long enough for the imports on a slow machine, which must not touch the candidate
-    assert proc.poll() is None and not imported.exists()
-    output, _ = proc.communicate(evaluate.GO + "\n" if go else "", timeout=60)
-    assert proc.returncode == 0, output
-    assert imported.exists() == go
-    assert (tmp_path / "out" / protocol.RESULT_FILE).exists() == go
-
-
-@pytest.mark.slow
-def test_eval_wrong_output_shape_cli(tmp_path, data_dir):
-    candidate = write_candidate(tmp_path / "cand", dim=128)
-    save_weights(tmp_path / "out", dim=128)
-    proc = run_python(["-m", "scheduler.evaluate", str(candidate), str(tmp_path / "out"), "--data-dir",
-                       str(data_dir), "--device", "cpu"], cwd=tmp_path, env=clean_env(), timeout=60)
-    assert proc.returncode == 1, proc.stdout
-    last = proc.stdout.splitlines()[-1]
-    assert last.startswith(protocol.FAIL_TAG), proc.stdout
-    windows = evaluate.batch_rows(-(-((data_dir / "val.bin").stat().st_size - 1) // W))
-    assert f"({windows}, {W}, 128)" in last and f"({windows}, {W}, 256)" in last
-    assert not (tmp_path / "out" / protocol.RESULT_FILE).exists()
-
-
-def test_eval_missing_build_model(tmp_path, data_dir, capsys):
-    candidate = write_candidate(tmp_path / "cand", builder="make_model")
-    save_weights(tmp_path / "out", dim=256)
-    code, lines = run_main(capsys, candidate, tmp_path / "out", data_dir)
-    assert code == 1
-    assert lines[-1].startswith(protocol.FAIL_TAG) and "build_model" in lines[-1]
-    assert not (tmp_path / "out" / protocol.RESULT_FILE).exists()
-
-
-@pytest.mark.parametrize("saved", ["other_size", "other_keys"])
-def test_eval_weights_that_do_not_fit(tmp_path, data_dir, capsys, saved):
-    candidate = write_candidate(tmp_path / "cand", dim=256)
-    out = tmp_path / "out"
-    if saved == "other_size":
-        save_weights(out, dim=128)
-    else:
-        out.mkdir()
-        torch.save({"something.else": torch.zeros(3)}, out / protocol.WEIGHTS_FILE)
-    code, lines = run_main(capsys, candidate, out, data_dir)
-    assert code == 1
-    assert lines[-1].startswith(protocol.FAIL_TAG) and "do not fit" in lines[-1]
-    assert not (out / protocol.RESULT_FILE).exists()
-
-
-def test_eval_non_finite_logits(tmp_path, data_dir, capsys):
-    candidate = write_candidate(tmp_path / "cand", dim=256)
-    out = tmp_path / "out"
-    out.mkdir()
-    torch.save({"emb.weight": torch.full((256, 256), float("nan"))}, out / protocol.WEIGHTS_FILE)
-    code, lines = run_main(capsys, candidate, out, data_dir)
-    assert code == 1
-    assert lines[-1].startswith(protocol.FAIL_TAG) and "non-finite" in lines[-1]
+    assert scores[0] == scores[1]  # CPU: bit-identical, whatever order the windows went in
 
 
 # ---------------------------------------------------------------------------- 5: NaN
@@ -413,7 +242,7 @@ def test_non_finite_loss_exits_with_exit_nan(tmp_path, data_dir, value, bad_from
     assert proc.returncode == protocol.EXIT_NAN, proc.stdout
     assert time.monotonic() - started < 15
     assert f"loss is {value}" in proc.stdout
-    assert not (tmp_path / "out" / protocol.WEIGHTS_FILE).exists()
+    assert not (tmp_path / "out" / protocol.PROGRAM_FILE).exists()
 
 
 def test_nan_in_a_loop_that_never_asks_done(harness_env, data_dir):
@@ -464,6 +293,55 @@ def test_batches_follow_the_seed(harness_env, data_dir):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+# ---------------------------------------------------------------------------- 6b: the hand-over
+
+
+class DataDependent(torch.nn.Module):
+    """Branches on the data: torch.export cannot trace one graph for every input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(256, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.emb(x) if x.sum() > 0 else -self.emb(x)
+
+
+class Noisy(DataDependent):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.emb(x) + torch.randn(x.shape[0], x.shape[1], 256)
+
+
+@pytest.mark.parametrize("model,reason", [(DataDependent(), "data-dependent"), (Noisy(), "aten.randn.default")])
+def test_watch_fails_fast_for_a_model_that_cannot_be_handed_over(harness_env, data_dir, capsys, model, reason):
+    """Right after build_model(), not after training: one EXPORT_FAILED line with the exporter's reason."""
+    harness_env.setenv("SCHEDULER_TRAIN_DATA", str(data_dir / "train.bin"))
+    run = harness.Run()
+    with pytest.raises(SystemExit) as exit_info:
+        run.watch(model, seq_len=64)
+    assert exit_info.value.code == protocol.EXIT_EXPORT
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(protocol.EXPORT_TAG)]
+    assert len(lines) == 1 and reason.lower() in lines[0].lower(), lines
+
+
+def test_finish_hands_the_model_over_as_data(harness_env, tmp_path, data_dir):
+    """finish(): the graph and the weights (no pickle anywhere), the statistics with the export's seconds."""
+    harness_env.setenv("SCHEDULER_TRAIN_DATA", str(data_dir / "train.bin"))
+    run = harness.Run()
+    model = torch.nn.Sequential(torch.nn.Embedding(256, 32), torch.nn.Linear(32, 256))
+    run.watch(model, seq_len=64)
+    run.step(torch.tensor(1.0), tokens=64)
+    run.finish(model, precision="fp32")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted([protocol.PROGRAM_FILE, protocol.WEIGHTS_FILE,
+                                                            protocol.STATS_FILE])
+    stats = json.loads((out / protocol.STATS_FILE).read_text())
+    assert stats["check_seconds"] > 0 and stats["export_seconds"] > 0 and stats["num_params"] == 256 * 32 * 2 + 256
+    program = json.loads((out / protocol.PROGRAM_FILE).read_text())
+    assert [node["op"] for node in program["nodes"]] == ["aten.embedding.default", "aten.linear.default"]
+    assert sorted(program["weights"]) == ["0.weight", "1.bias", "1.weight"]
+
+
 # ---------------------------------------------------------------------------- 7: peak TFLOP/s
 
 
@@ -492,7 +370,7 @@ def test_budget_counts_training_time_only(harness_env, tmp_path, data_dir):
     harness_env.setenv("SCHEDULER_TRAIN_DATA", str(data_dir / "train.bin"))
     harness_env.setenv("SCHEDULER_BUDGET", "1")
     run = harness.Run()
-    model = torch.nn.Linear(2, 2)
+    model = torch.nn.Embedding(256, 256)  # LongTensor[B, T] -> logits[B, T, 256]: a model that can be handed over
     progress = []
     started = time.perf_counter()
     while not run.done():
@@ -511,8 +389,11 @@ def test_budget_counts_training_time_only(harness_env, tmp_path, data_dir):
     assert stats["budget"] == 1.0 and stats["precision"] == "fp32" and stats["gpu_name"] == "cpu"
     assert progress[: harness.WARMUP_STEPS] == [0.0] * harness.WARMUP_STEPS
     assert progress == sorted(progress) and 0.5 < progress[-1] <= 1.0
-    saved = torch.load(tmp_path / "out" / protocol.WEIGHTS_FILE, weights_only=True)
-    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "out" / protocol.WEIGHTS_FILE)
+    assert torch.equal(saved["weight"], model.weight.detach()) and list(saved) == ["weight"]
+    assert model.training  # the export traced it in eval mode and put it back
 
 
 # ---------------------------------------------------------------------------- 9: constants.override
@@ -558,36 +439,12 @@ def test_override_of_the_real_train_py(tiny_train_source):
     assert "MAX_SEQ_LEN = 256        # context length in bytes" in tiny_train_source
 
 
-def test_a_model_that_sees_later_bytes_is_refused():
-    import torch
-
-    from scheduler.evaluate import EvalError, check_causal
-
-    class PeeksAhead(torch.nn.Module):
-        def forward(self, x):
-            future = torch.roll(x, shifts=-1, dims=1)  # position t sees byte t+1: the byte it predicts
-            return torch.nn.functional.one_hot(future, 256).float() * 10
-
-    data = torch.randint(0, 256, (5000,), dtype=torch.uint8)
-    with pytest.raises(EvalError, match="not causal"):
-        check_causal(PeeksAhead(), data, torch.device("cpu"))
-    check_causal(torch.nn.Sequential(torch.nn.Embedding(256, 256)), data, torch.device("cpu"))  # causal: passes
-
-
 def test_attention_backward_counts_twice_the_forward():
     """MFU's FLOPs: a fused attention backward counts twice its forward, whatever kernel recomputes inside."""
     from torch.utils.flop_counter import sdpa_flop_count
 
     q, k, v = (2, 6, 1024, 64), (2, 6, 1024, 64), (2, 6, 1024, 32)
     assert harness.attention_backward_flops(q, q, k, v) == 2 * sdpa_flop_count(q, k, v)
-
-
-def test_eval_without_the_split_says_how_to_fix(tmp_path, capsys):
-    candidate = write_candidate(tmp_path / "cand")
-    save_weights(tmp_path / "out", dim=256)
-    code, lines = run_main(capsys, candidate, tmp_path / "out", tmp_path / "no-data")
-    assert code == 1
-    assert lines[-1].startswith(protocol.FAIL_TAG + "no val split at") and "scheduler prepare" in lines[-1]
 
 
 def load_train_module():
