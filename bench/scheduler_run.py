@@ -123,11 +123,14 @@ def main() -> None:
     frame = results.read_trials(root / "results")
     ran = frame[(frame["status"] != "rejected") & (frame["started_at"].notna())]
     print(f"\nlaunch wall time {wall:.1f} s, budget {args.budget:.0f} s, {len(ran)} trials\n")
-    print("| trial | agent | kind | status | val bpc | tokens/s | MFU % | training s | eval s | trial s | GPU |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| trial | agent | kind | status | val bpc | tokens/s | MFU % | start-up s | training s | eval s | trial s "
+          "| trial s − budget | sandbox | GPU |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for _, r in ran.iterrows():
         print(f"| {r.trial_id} | {r.agent} | {r.kind} | {r.status} | {r.val_bpc:.4f} | {r.tokens_per_second:,.0f} "
-              f"| {r.mfu_percent} | {r.training_seconds} | {r.eval_seconds} | {r.total_seconds} | {r.gpu_id} {r.gpu_name} |")
+              f"| {r.mfu_percent} | {r.startup_seconds} | {r.training_seconds} | {r.eval_seconds} | {r.total_seconds} "
+              f"| {r.total_seconds - args.budget:.1f} | {r.sandbox} | {r.gpu_id} {r.gpu_name} |"
+              if r.status == "ok" else f"| {r.trial_id} | {r.agent} | {r.kind} | {r.status}: {r.reason} |")
     print("\n| GPU | trials | in a trial, % of launch wall | training + evaluation, % of launch wall |")
     print("| --- | --- | --- | --- |")
     for gpu, rows in ran.groupby("gpu_id"):

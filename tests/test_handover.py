@@ -67,6 +67,7 @@ def write_document(out: Path, doc: dict) -> None:
 # ---------------------------------------------------------------------------- export and load
 
 
+@pytest.mark.slow
 def test_default_model_round_trip(tmp_path, tiny_train_source):
     """train.py's model (tiny settings) exports, reloads and gives the module's logits; its modes are restored."""
     train = tiny_train_module(tiny_train_source, tmp_path)

@@ -48,7 +48,7 @@ def test_hostile_candidates(tmp_path, corpus):  # noqa: F811
     cases = {
         "build_raises": variant().replace('    """LongTensor[B, T] -> logits[B, T, 256]. The evaluation calls this too."""',
                                           '    """Raises."""\n    raise ValueError("no model today")'),
-        # hangs before training and ignores SIGTERM: only the hard limit and the SIGKILL after it end it
+        # hangs before training and ignores SIGTERM: only the start-up allowance and the SIGKILL after it end it
         "hangs_ignoring_sigterm": with_main("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
                                             "while True:\n    time.sleep(0.1)"),
         "loop_inside": with_main("import torch\nfrom scheduler import harness\nrun = harness.Run()\n"
@@ -92,8 +92,8 @@ def test_hostile_candidates(tmp_path, corpus):  # noqa: F811
     reason = {ids[c]: r for c, r in zip(first["candidate_id"], first["reason"]) if c in ids}
     assert status["build_raises"] == "crash" and "no model today" in reason["build_raises"]
     assert status["hangs_ignoring_sigterm"] == status["loop_inside"] == "timeout"
-    assert "hard limit" in reason["hangs_ignoring_sigterm"]
-    assert "must end when run.done() is true" in reason["loop_inside"]  # stopped by its own progress, not the limit
+    assert "no training progress within the start-up allowance of 40 s" in reason["hangs_ignoring_sigterm"]
+    assert "must end when run.done() is true" in reason["loop_inside"]  # the trial's clock, not the allowance
     assert status["untidy"] == "ok", reason["untidy"]
     assert subprocess.run(["pgrep", "-f", f"sleep {SLEEPER}"], capture_output=True).stdout == b""  # children gone
     untidy_log = (root / "results" / "runs" / f"{next(c for c in ids if ids[c] == 'untidy')}-r1" / "log.txt").read_text()
@@ -118,9 +118,10 @@ def parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-def stalling_candidate(flag: Path) -> str:
+def stalling_candidate() -> str:
     """A candidate that needs no torch. Its first attempt starts a child outside its process group, then
-    hangs without output (so no broken pipe ends it when its worker dies); its retry fails at once."""
+    hangs without output (so no broken pipe ends it when its worker dies); its retry, which it knows by its
+    working folder (the trial id ends in -a2; it can write nothing that outlives its sandbox), fails at once."""
     return f"""import os, subprocess, sys, time
 
 
@@ -130,9 +131,8 @@ def build_model():
 
 if __name__ == "__main__":
     subprocess.Popen(["sleep", "{ESCAPED}"], start_new_session=True)
-    if os.path.exists({str(flag)!r}):
+    if os.path.basename(os.path.dirname(os.getcwd())).endswith("-a2"):
         sys.exit("second attempt: fails at once")
-    open({str(flag)!r}, "w").close()
     time.sleep(600)
 """
 
@@ -144,15 +144,25 @@ def test_killed_selection_actor_and_trial_worker(tmp_path, corpus, background_la
     root = make_root(tmp_path, corpus)
     baseline = (root / "train.py").read_bytes()
     path = tmp_path / "stalls.py"
-    path.write_text(stalling_candidate(tmp_path / "first-attempt"))
+    path.write_text(stalling_candidate())
     cid = scheduler(root, "submit", str(path), "--agent", "a1", "-m", "stalls").stdout.strip()
     first = f"{cid}-r1"
     launch = background_launch(root, "--pretend-gpus", "1", "--device", "cpu", "--budget", "3", "--no-dashboard",
                                "--exit-when-idle")
 
     def candidate_and_child() -> list[int]:
+        """The trial's processes once its escaped child and its evaluation (started beside it, waiting) are up;
+        with them the sandbox's own bwrap processes."""
         pids = trial_processes(root, [first])
-        return pids if len(pids) == 3 else []  # with the trial's evaluation, started beside it and waiting
+        commands = []
+        for pid in pids:
+            try:
+                commands.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+            except OSError:
+                continue
+        ready = any(c == f"sleep\0{ESCAPED}\0".encode() for c in commands) and any(
+            b"scheduler.evaluate" in c for c in commands)
+        return pids if ready else []
 
     # The baseline's control run comes first; then the candidate stalls, with its escaped child.
     stalled = wait_for(candidate_and_child, 240, "the candidate and its child")
@@ -184,7 +194,7 @@ def test_killed_selection_actor_and_trial_worker(tmp_path, corpus, background_la
     assert rows.loc[f"{first}-a2", "status"] == "crash"  # queued again once, and run by a new worker
     assert rows.loc[f"{first}-a2", "reason"] == "second attempt: fails at once"
     verdict = next(line for line in log.splitlines() if f"done  {first}-a2:" in line)
-    assert verdict.endswith("-> reject"), verdict  # the retry is what the restarted actor judged
+    assert verdict.endswith("-> rejected"), verdict  # the retry is what the restarted actor judged
     assert list(rows[rows["status"] == "rejected"]["reason"]) == ["'notes.txt' not a .py file"]
     assert "train.py was unusable" in log and (root / "train.py").read_bytes() == baseline
     assert not trial_processes(root, rows.index)
