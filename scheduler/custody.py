@@ -25,10 +25,10 @@ the baseline, promotions and hand edits alike.
 from __future__ import annotations
 
 import difflib
-import os
 import subprocess
 from pathlib import Path
 
+from scheduler.atomic import atomic_write
 from scheduler.layout import Layout, sha256_bytes
 
 LOCK_NAME = "train.py.lock"  # under results/: held while train.py is replaced
@@ -43,17 +43,6 @@ class SourceRefused(Exception):
     def __init__(self, path: Path, why: str) -> None:
         super().__init__(f"{path} {why}")
         self.path = path
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees the old file or the new one, never part: temporary file,
-    fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
 
 
 def read_archived(path: Path) -> bytes:
@@ -116,7 +105,7 @@ class Custody:
         self.layout.baselines.mkdir(parents=True, exist_ok=True)
         path = self.layout.baselines / f"{sha}.py"
         if not path.exists() or sha256_bytes(path.read_bytes()) != sha:
-            write_atomic(path, source)
+            atomic_write(path, source)
         return sha
 
     def baseline_source(self, sha: str) -> bytes:
@@ -133,7 +122,7 @@ class Custody:
 
         self.layout.results.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.layout.results / LOCK_NAME)):
-            write_atomic(self.layout.baseline, source)
+            atomic_write(self.layout.baseline, source)
 
     def restore(self, sha: str) -> None:
         """Put the archived baseline `sha` back as train.py (SourceRefused if its archive is changed or gone)."""

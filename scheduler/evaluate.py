@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from scheduler import handover
+from scheduler.atomic import atomic_write
 from scheduler.handover import FlopCounterMode, RefusedError
 from scheduler.harness import skip_final_collection
 from scheduler.protocol import EVAL_BATCH, EXIT_REFUSED, FAIL_TAG, GO, REFUSED_TAG, STATS_FILE, WINDOW
@@ -282,9 +283,7 @@ def format_summary(result: dict, split: str = "val") -> str:
 
 def write_result(path: Path, result: dict) -> None:
     """RESULT_JSON, replaced atomically: a reader sees the old or the new figures, never half of them."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(result, indent=2))
-    os.replace(temporary, path)
+    atomic_write(path, json.dumps(result, indent=2))
 
 
 def one_line(message: str, limit: int = 500) -> str:

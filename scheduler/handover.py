@@ -75,6 +75,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 from torch.utils.flop_counter import FlopCounterMode
 
+from scheduler.atomic import atomic_path, atomic_write
 from scheduler.protocol import EVAL_BATCH, PROGRAM_FILE, WEIGHTS_FILE, WINDOW
 
 FORMAT = "scheduler.program/1"
@@ -444,12 +445,10 @@ def export_program(model: torch.nn.Module, out_dir: Path, device: torch.device |
     text = _checked_text(document, tensors)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / WEIGHTS_FILE
-    save_safetensors(tensors, weights.with_name(weights.name + ".tmp"))
-    os.replace(weights.with_name(weights.name + ".tmp"), weights)
-    program = out_dir / PROGRAM_FILE
-    program.with_name(program.name + ".tmp").write_text(text)
-    os.replace(program.with_name(program.name + ".tmp"), program)
+    # Not flushed to the disk: the evaluation reads them at once, and after a crash the trial runs again.
+    with atomic_path(out_dir / WEIGHTS_FILE, fsync=False) as tmp:
+        save_safetensors(tensors, tmp)
+    atomic_write(out_dir / PROGRAM_FILE, text, fsync=False)
 
 
 def _checked_text(document: dict, tensors: dict[str, torch.Tensor]) -> str:

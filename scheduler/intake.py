@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from scheduler import queue, results
+from scheduler.atomic import atomic_path, atomic_write
 from scheduler.console import say
 from scheduler.layout import Layout, baseline_id, sha256_bytes
 
@@ -62,9 +63,8 @@ def submit(layout: Layout, file: Path, agent: str, description: str, parent: str
     with meta_file:  # scan reads it only once the .py below appears, after it is complete
         json.dump({"candidate_id": candidate_id, "agent": agent, "description": description,
                    "parent": parent, "submitted_at": time.time()}, meta_file)
-    tmp = layout.candidates / f"{name}.part"
-    shutil.copyfile(file, tmp)
-    os.replace(tmp, layout.candidates / name)
+    with atomic_path(layout.candidates / name) as tmp:
+        shutil.copyfile(file, tmp)
     return candidate_id
 
 
@@ -118,11 +118,8 @@ def _archive(layout: Layout, sha: str, data: bytes, candidate_id: str) -> None:
     layout.sources.mkdir(parents=True, exist_ok=True)
     source = layout.sources / f"{sha}.py"
     if not source.exists():
-        source.with_suffix(".tmp").write_bytes(data)
-        os.replace(source.with_suffix(".tmp"), source)
-    record = layout.sources / f"{sha}.json"
-    record.with_suffix(".tmp").write_text(json.dumps({"candidate_id": candidate_id}))
-    os.replace(record.with_suffix(".tmp"), record)
+        atomic_write(source, data)
+    atomic_write(layout.sources / f"{sha}.json", json.dumps({"candidate_id": candidate_id}))
 
 
 def scan(layout: Layout, baseline: str) -> list[str]:

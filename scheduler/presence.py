@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from scheduler.atomic import atomic_write
 from scheduler.layout import Layout
 
 LOCK_FILE, HEARTBEAT_FILE = "launch.lock", "launch.json"  # under results/
@@ -134,10 +135,8 @@ class Presence:
     def _write(self, **fields) -> None:
         with self._writing:
             self.beat.update(fields, beat=time.time())
-            path = self.layout.results / HEARTBEAT_FILE
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(self.beat))
-            os.replace(tmp, path)
+            # rewritten every BEAT_S: one lost in a crash costs nothing, and the process check says the rest
+            atomic_write(self.layout.results / HEARTBEAT_FILE, json.dumps(self.beat), fsync=False)
 
     def update(self, **fields) -> None:
         """Add what readers should know of this launch (its GPUs, budget) to the heartbeat, now."""

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from scheduler.atomic import atomic_write
 from scheduler.layout import Layout
 
 URGENT, NORMAL = 0, 1
@@ -43,12 +44,6 @@ class Entry:
         return cls(**json.loads(path.read_text()))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def push(layout: Layout, entry: Entry, priority: int = NORMAL) -> bool:
     """Queue an entry; False (and nothing queued) when a trial with its id is already queued or running.
 
@@ -59,7 +54,7 @@ def push(layout: Layout, entry: Entry, priority: int = NORMAL) -> bool:
     queued = {_trial_id(p) for p in _pending_files(layout)}
     if entry.trial_id in queued or (layout.running / f"{entry.trial_id}.json").exists():
         return False
-    _write_atomic(layout.queue / f"{priority}-{time.time_ns():020d}-{entry.trial_id}.json", entry.to_json())
+    atomic_write(layout.queue / f"{priority}-{time.time_ns():020d}-{entry.trial_id}.json", entry.to_json())
     return True
 
 

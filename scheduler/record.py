@@ -14,12 +14,12 @@ event; it is never dropped silently.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 from ray.tune import Callback
 
 from scheduler import queue, results
+from scheduler.atomic import atomic_write
 from scheduler.console import say
 from scheduler.layout import Layout
 from scheduler.selection import ACTOR_NAME
@@ -65,9 +65,8 @@ class RecordResults(Callback):
     def _live(self, trial_id: str, data: dict) -> None:
         layout = self._layout()
         layout.live.mkdir(parents=True, exist_ok=True)
-        tmp = layout.live / f".{trial_id}.tmp"
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, layout.live / f"{trial_id}.json")
+        # rewritten at every progress report, and only shown: not worth a flush to the disk each time
+        atomic_write(layout.live / f"{trial_id}.json", json.dumps(data), fsync=False)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         if "result_row" not in trial.last_result:  # stopped before it finished (stop --now)

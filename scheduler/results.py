@@ -32,6 +32,8 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from scheduler.atomic import atomic_path, atomic_write
+
 if TYPE_CHECKING:  # imported only where a file is written or a frame is read: `submit` and `status` never pay for them
     import pandas as pd
     import pyarrow as pa
@@ -133,15 +135,6 @@ def _index_path(folder: Path, name: str) -> Path:
     return folder.parent / INDEX / folder.name / f"{name}.json"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-
-
 def _write_one(folder: Path, name: str, record: dict, columns: list[tuple[str, str]]) -> Path:
     """One record as its own Parquet file, then as JSON in the index; each atomically (temporary file, fsync,
     rename), the Parquet file first: a reader that finds no JSON reads the Parquet file."""
@@ -152,15 +145,11 @@ def _write_one(folder: Path, name: str, record: dict, columns: list[tuple[str, s
     folder.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist([{column: record.get(column) for column in schema.names}], schema=schema)
     path = folder / f"{name}.parquet"
-    tmp = folder / f".{name}.parquet.tmp"
-    with open(tmp, "wb") as out:
-        pq.write_table(table, out)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     index = _index_path(folder, name)
     index.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(index, json.dumps({k: _jsonable(v) for k, v in table.to_pylist()[0].items()}).encode())
+    atomic_write(index, json.dumps({k: _jsonable(v) for k, v in table.to_pylist()[0].items()}))
     return path
 
 
@@ -195,7 +184,7 @@ def _index_missing(folder: Path, columns: list[tuple[str, str]]) -> int:
         except Exception:  # noqa: BLE001 - truncated or foreign: read_rows names it when it skips it
             continue
         index.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(index, json.dumps({k: _jsonable(v) for k, v in record.items()}).encode())
+        atomic_write(index, json.dumps({k: _jsonable(v) for k, v in record.items()}))
         written += 1
     return written
 

@@ -36,7 +36,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from scheduler import queue, results
-from scheduler.custody import Custody, SourceRefused, baseline_diff, diff_size, write_atomic
+from scheduler.atomic import atomic_write
+from scheduler.custody import Custody, SourceRefused, baseline_diff, diff_size
 from scheduler.layout import Layout, baseline_id, sha256_bytes
 from scheduler.promotion import Judgement, PromotionRule, RuleConfig, Verdict
 
@@ -104,7 +105,7 @@ class State:
         return state
 
     def save(self, path: Path) -> None:
-        write_atomic(path, json.dumps(asdict(self), indent=1).encode())
+        atomic_write(path, json.dumps(asdict(self), indent=1))
 
 
 def saved_rule(state_path: Path) -> PromotionRule | None:

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from scheduler import claims
+from scheduler.atomic import atomic_path
 from scheduler.results import CONFIG_COLUMNS
 from scheduler.prepare import META_FILE
 from scheduler.protocol import (EXIT_EXPORT, EXIT_NAN, EXPORT_TAG, FAIL_TAG, OUT_DIR, PROGRESS_TAG,
@@ -313,8 +314,8 @@ def local_data(config: dict, shipped: list | None) -> str:
         data = ray.get(shipped[0])
         cache.mkdir(parents=True, exist_ok=True)
         for name in SHIPPED:
-            data[name].tofile(cache / f".{name}.tmp")
-            os.replace(cache / f".{name}.tmp", cache / name)
+            with atomic_path(cache / name) as tmp:
+                data[name].tofile(tmp)
         (cache / META_FILE).write_text(data[META_FILE])  # last: its presence says the rest is complete
     return str(cache)
 

@@ -55,7 +55,7 @@ def test_rule_in_the_actor_confirms_then_promotes_and_state_survives(tmp_path):
     assert (layout.baselines / f"{sha256_bytes(old_source)}.py").read_bytes() == old_source
     event = results.read_promotions(layout.results).iloc[0]
     assert event["candidate_id"] == "cand" and event["n_candidate"] == 3 and event["gain"] > 0.09
-    assert not list(layout.root.glob(".train.py.tmp"))
+    assert not list(layout.root.glob(".train.py*.tmp"))
     assert json.loads(layout.selection_state.read_text())["baseline_sha"] == sha
 
 
