@@ -49,43 +49,15 @@ import numpy as np
 import torch
 
 from scheduler import handover
-from scheduler.protocol import (EVAL_BATCH, EXIT_EXPORT, EXIT_NAN, EXPORT_TAG, PROGRESS_TAG, PROGRAM_FILE,
-                                RESULT_FILE, STATS_FILE, WINDOW, evaluation_command, send_go)
+from scheduler.claims import peak_tflops
+from scheduler.protocol import (DEFAULT_BUDGET, EVAL_BATCH, EXIT_EXPORT, EXIT_NAN, EXPORT_TAG, PROGRAM_FILE,
+                                PROGRESS_TAG, RESULT_FILE, STATS_FILE, WINDOW, evaluation_command, send_go)
 
-DEFAULT_BUDGET = 300.0
 WARMUP_STEPS = 3          # first steps compile and autotune: they are not counted as training time
 SYNC_EVERY = 1.0          # seconds between waits for the device (clock, loss check)
 PROGRESS_EVERY = 5.0      # seconds between progress lines
 # What a finished standalone run becomes: a process that waits for the evaluation and exits with its code
 WAIT_FOR_CHILD = "import os, sys; _, s = os.waitpid(int(sys.argv[1]), 0); sys.exit(os.waitstatus_to_exitcode(s))"
-
-# Dense BF16 peak (no sparsity) in TFLOP/s, matched against torch.cuda.get_device_name().
-# Order matters: the first substring that matches wins.
-BF16_PEAK_TFLOPS = (
-    ("H100 NVL", 835.0),
-    ("H200 NVL", 835.0),
-    ("H200", 989.0),
-    ("H100", 989.0),   # SXM; the PCIe part is lower, matched below
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("A10G", 125.0),
-    ("L40S", 362.0),
-    ("L40", 181.0),
-    ("L4", 121.0),
-    ("RTX 4090", 165.0),
-    ("RTX 3090", 71.0),
-)
-H100_PCIE_TFLOPS = 756.0
-
-
-def peak_tflops(device_name: str) -> float | None:
-    """Dense BF16 peak of a GPU by name, or None for a GPU we do not know (we do not guess)."""
-    if "H100" in device_name and "PCIe" in device_name:
-        return H100_PCIE_TFLOPS
-    for key, tflops in BF16_PEAK_TFLOPS:
-        if key in device_name:
-            return tflops
-    return None
 
 
 def attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:

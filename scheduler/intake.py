@@ -100,10 +100,15 @@ def check(path: Path, name: str) -> tuple[str | None, bytes]:
         tree = ast.parse(text, filename=name)
     except SyntaxError as error:
         return f"does not parse: line {error.lineno}: {error.msg}", data
-    if not any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "build_model"
-               for node in tree.body):
+    if not defines_build_model(tree):
         return "no module-level build_model() function: the evaluation calls it to rebuild the model", data
     return None, data
+
+
+def defines_build_model(tree: ast.Module) -> bool:
+    """The candidate contract's one structural rule: a module-level `def build_model` (not `async def`: it must
+    return the model, not a coroutine). Intake checks it of every candidate, the selection of every baseline."""
+    return any(isinstance(node, ast.FunctionDef) and node.name == "build_model" for node in tree.body)
 
 
 def _known_source(layout: Layout, sha: str) -> str | None:

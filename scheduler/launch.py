@@ -24,6 +24,7 @@ from scheduler import control, prepare, queue, results
 from scheduler.console import say
 from scheduler.layout import Layout
 from scheduler.presence import LaunchBusy, Presence, holder_text
+from scheduler.protocol import DEFAULT_BUDGET
 
 DASHBOARD_PORT = 8265
 LOCAL_HOST = "127.0.0.1"
@@ -41,7 +42,7 @@ class LaunchOptions:
     root: Path = Path(".")
     data_dir: Path | None = None
     gpus: str = "all"                # all | N | 0,2
-    budget: float = 300.0
+    budget: float = DEFAULT_BUDGET
     address: str | None = None
     exit_when_idle: bool = False
     pretend_gpus: int = 0

@@ -35,6 +35,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO
 
+from scheduler.protocol import WINDOW
+
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_SIZE = 100_000_000
 # Published by the corpus's author at http://mattmahoney.net/dc/textdata.html
@@ -53,9 +55,8 @@ SPLIT_FILES = ("train.bin", "val.bin", "test.bin")
 META_FILE = "meta.json"
 TRAIN_PERCENT = 90
 VAL_PERCENT = 5  # test gets the rest
-WINDOW_BYTES = 1024  # the harness's evaluation window
-# The smallest corpus whose 5% splits each hold a window plus one byte (the
-# last window's next-byte target): 20_500 * 5 // 100 == WINDOW_BYTES + 1.
+# The smallest corpus whose 5% splits each hold an evaluation window plus one
+# byte (the last window's next-byte target): 20_500 * 5 // 100 == WINDOW + 1.
 MIN_CORPUS_BYTES = 20_500
 
 CHUNK_BYTES = 1 << 20
@@ -169,7 +170,7 @@ def _build(staging: Path, source: str | Path | None, url: str) -> dict:
     if not is_enwik8 and n < MIN_CORPUS_BYTES:
         raise PrepareError(
             f"{origin} holds {n:,} bytes, too few: a corpus needs at least {MIN_CORPUS_BYTES:,} so "
-            f"that its 5% validation and test splits each hold a {WINDOW_BYTES}-byte window plus "
+            f"that its 5% validation and test splits each hold a {WINDOW}-byte window plus "
             "one. Use a larger file"
         )
 
@@ -241,27 +242,27 @@ def _unpack(path: Path, staging: Path, origin: str) -> tuple[Path, str, str | No
     with open(path, "rb") as f:
         magic = f.read(4)
     out = staging / "corpus"
-    if magic in ZIP_MAGIC:
-        try:
+    try:
+        if magic in ZIP_MAGIC:
             with zipfile.ZipFile(path) as archive:
                 member = _pick_member(archive, origin)
-                with archive.open(member) as src, open(out, "wb") as dst:
-                    shutil.copyfileobj(src, dst, CHUNK_BYTES)
-        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-            raise PrepareError(
-                f"{origin} is not a readable zip archive ({e}): it is damaged or truncated. Download it again"
-            ) from e
-        return out, "zip", member.filename
-    if magic[:2] == GZIP_MAGIC:
-        try:
-            with gzip.open(path) as src, open(out, "wb") as dst:
-                shutil.copyfileobj(src, dst, CHUNK_BYTES)
-        except (gzip.BadGzipFile, zlib.error, EOFError) as e:
-            raise PrepareError(
-                f"{origin} is not a readable gzip file ({e}): it is damaged or truncated. Download it again"
-            ) from e
-        return out, "gzip", None
+                _copy(archive.open(member), out)
+            return out, "zip", member.filename
+        if magic[:2] == GZIP_MAGIC:
+            _copy(gzip.open(path), out)
+            return out, "gzip", None
+    except (zipfile.BadZipFile, gzip.BadGzipFile, zlib.error, EOFError) as e:
+        kind = "zip archive" if magic in ZIP_MAGIC else "gzip file"
+        raise PrepareError(
+            f"{origin} is not a readable {kind} ({e}): it is damaged or truncated. Download it again"
+        ) from e
     return path, "raw", None
+
+
+def _copy(src: IO[bytes], out: Path) -> None:
+    """All of `src` into the file `out`, a chunk at a time; `src` is closed."""
+    with src, open(out, "wb") as dst:
+        shutil.copyfileobj(src, dst, CHUNK_BYTES)
 
 
 def _pick_member(archive: zipfile.ZipFile, origin: str) -> zipfile.ZipInfo:

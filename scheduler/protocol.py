@@ -28,6 +28,7 @@ WEIGHTS_FILE = "weights.safetensors"  # the graph's tensors
 STATS_FILE = "train_stats.json"     # what the training says of itself: checked, never trusted
 RESULT_FILE = "result.json"         # the evaluation's figures, in the trial's own folder (outside WORK_DIR)
 
+DEFAULT_BUDGET = 300.0              # training seconds of a trial, and of `python train.py`, unless told otherwise
 EVAL_BATCH = 64                     # windows per forward pass of the evaluation ...
 WINDOW = 1024                       # ... of this many bytes: the one input shape the export traces
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from scheduler import queue, results
 from scheduler.atomic import atomic_write
 from scheduler.custody import Custody, SourceRefused, baseline_diff, diff_size
+from scheduler.intake import defines_build_model
 from scheduler.layout import Layout, baseline_id, sha256_bytes
 from scheduler.promotion import Judgement, PromotionRule, RuleConfig, Verdict
 
@@ -122,7 +123,7 @@ def usable_baseline(source: bytes) -> str | None:
         tree = ast.parse(source.decode("utf-8"))
     except (UnicodeDecodeError, SyntaxError) as error:
         return f"it does not parse ({error})"
-    if not any(isinstance(n, ast.FunctionDef) and n.name == "build_model" for n in tree.body):
+    if not defines_build_model(tree):
         return "it has no module-level build_model()"
     return None
 

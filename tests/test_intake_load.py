@@ -76,18 +76,21 @@ def test_odd_files_each_get_a_rejected_row_and_nothing_else_is_touched(tmp_path)
     (layout.candidates / "link.py").symlink_to(outside)
     (layout.candidates / "two\nlines.py").write_text(SOURCE.format(agent="newline", i=0))
     (layout.candidates / "folder.py").mkdir()
+    (layout.candidates / "coroutine.py").write_text("async def build_model():\n    return None\n")
     handled = intake.scan(layout, "base-x")
     rows = results.read_trials(layout.results)
     assert sorted(rows["trial_id"]) == sorted(handled) and set(rows["status"]) == {"rejected"}
     reasons = sorted(rows["reason"])
     assert reasons == ["'binary.py' contains NUL bytes: binary, not Python source",
+                       "'coroutine.py' no module-level build_model() function: the evaluation calls it to rebuild "
+                       "the model",
                        "'folder.py' is a folder, not a file",
                        "'latin1.py' not UTF-8 text (byte 5); a train.py variant is Python source",
                        "'link.py' is a symbolic link; submit the file itself",
                        "'two\\nlines.py' unsafe file name 'two\\nlines.py': use letters, digits, '.', '_' and '-'"]
     assert not list(layout.candidates.iterdir()) and not queue.pending(layout)
     assert outside.read_text() == SOURCE.format(agent="outside", i=0)  # the link is kept, not what it points to
-    assert len(list(layout.rejected.iterdir())) == 5
+    assert len(list(layout.rejected.iterdir())) == 6
 
 
 def load_sources(agent: int) -> list[str]:

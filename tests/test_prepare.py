@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from scheduler import prepare as P
+from scheduler.protocol import WINDOW
 
 FAKE_ENWIK8_SIZE = 40_000  # splits 36_000 / 2_000 / 2_000
 GENERIC_SIZE = 30_001  # splits 27_000 / 1_500 / 1_501
@@ -149,7 +150,7 @@ def test_generic_corpus_splits_90_5_5(src, data_dir):
 def test_smallest_corpus_fits_a_window_in_each_split(src, data_dir):
     (src / "small.bin").write_bytes(corpus_bytes(P.MIN_CORPUS_BYTES, seed=2))
     meta = P.prepare(data_dir, source=str(src / "small.bin"))
-    assert min(s["size"] for s in meta["splits"].values()) == P.WINDOW_BYTES + 1
+    assert min(s["size"] for s in meta["splits"].values()) == WINDOW + 1
 
 
 def test_enwik8_sized_corpus_of_other_text_is_custom(enwik8, src, data_dir):
