@@ -43,7 +43,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -83,33 +85,18 @@ def _env_float(name: str, default: float) -> float:
         sys.exit(f"harness: {name}={value!r} is not a number; unset it or give seconds, e.g. {name}=300")
 
 
-class Run:
-    """Owns the data, the clock and the hand-over of one training run."""
+class Clock:
+    """The budget's clock and the run's counters: what `done()`, `step()` and `progress` of a Run answer.
 
-    def __init__(self) -> None:
-        skip_final_collection()
-        self.budget = _env_float("SCHEDULER_BUDGET", DEFAULT_BUDGET)
-        self.seed = int(_env_float("SCHEDULER_SEED", 0))
-        device = os.environ.get("SCHEDULER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.device(device)
-        self.out_dir = Path(os.environ.get("SCHEDULER_OUT", "out")).resolve()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(self.seed)
-        if self.device.type == "cuda":
-            torch.cuda.manual_seed(self.seed)
-            torch.cuda.reset_peak_memory_stats(self.device)
+    Training time counts from the end of the first WARMUP_STEPS (compilation). The
+    device is waited for only about once a second (SYNC_EVERY), so the CPU queues the
+    next steps while the GPU works; each wait checks the loss (a loss that is not
+    finite ends the run with EXIT_NAN) and may print a progress line (PROGRESS_TAG).
+    """
 
-        train_path = Path(os.environ.get("SCHEDULER_TRAIN_DATA", "data/train.bin"))
-        if not train_path.is_file():
-            sys.exit(f"harness: no train split at {train_path}; run `python -m scheduler prepare` first")
-        # One host-to-device copy; batches are then cut on the device.
-        self.train = torch.from_numpy(np.fromfile(train_path, dtype=np.uint8)).to(self.device)
-        self._generator = torch.Generator(self.device).manual_seed(self.seed)
-
-        self.num_params = 0
-        self.flops_per_token: float | None = None
-        self.check_seconds = 0.0     # watch(): the early export check
-        self.export_seconds = 0.0    # finish(): the export
+    def __init__(self, budget: float, device: torch.device) -> None:
+        self.budget, self.device = budget, device
+        self.flops_per_token: float | None = None  # set by Run.watch(): the MFU of the progress lines
         self.steps = 0
         self.tokens = 0
         self.training_seconds = 0.0
@@ -118,50 +105,9 @@ class Run:
         self._last_mark: float | None = None
         self._last_print = 0.0
         self._loss: torch.Tensor | float = 0.0
-        self.setup_seconds = 0.0     # Run() to the first step: data, model, FLOP count, optimizer
+        self.setup_seconds = 0.0     # the end of Run() to the first step: model, export check, FLOPs, optimizer
         self.warmup_seconds = 0.0    # the uncounted first steps: mostly compilation
-        self._started = time.time()
         self._perf_started = time.perf_counter()
-        self._evaluation = None if os.environ.get("SCHEDULER_TRIAL") else self._start_evaluation(train_path)
-
-    # ------------------------------------------------------------------ data
-
-    def batch(self, batch_size: int, seq_len: int) -> torch.Tensor:
-        """LongTensor[batch_size, seq_len + 1] of random windows of the train split (inputs and targets)."""
-        starts = torch.randint(
-            0, self.train.numel() - seq_len - 1, (batch_size, 1), device=self.device, generator=self._generator
-        )
-        offsets = torch.arange(seq_len + 1, device=self.device)
-        return self.train[starts + offsets].long()
-
-    # ------------------------------------------------------------------ model facts
-
-    def watch(self, model: torch.nn.Module, seq_len: int) -> None:
-        """Check that the model can be handed over (exits with EXIT_EXPORT if not), count parameters and
-        measure FLOPs per token of one training step (forward + backward)."""
-        started = time.perf_counter()
-        self._export_or_exit(handover.check_exportable, model, self.device)
-        self.check_seconds = time.perf_counter() - started
-        self.num_params = sum(p.numel() for p in model.parameters())
-        try:
-            from torch.utils.flop_counter import FlopCounterMode
-
-            x = torch.zeros(1, seq_len, dtype=torch.long, device=self.device)
-            aten = torch.ops.aten
-            fused_backwards = (aten._scaled_dot_product_efficient_attention_backward,
-                               aten._scaled_dot_product_flash_attention_backward,
-                               aten._scaled_dot_product_cudnn_attention_backward)
-            counter = FlopCounterMode(display=False,
-                                      custom_mapping=dict.fromkeys(fused_backwards, attention_backward_flops))
-            with counter:
-                model(x).float().sum().backward()
-            model.zero_grad(set_to_none=True)
-            self.flops_per_token = counter.get_total_flops() / seq_len
-        except Exception as error:  # an exotic module the counter cannot follow: fall back to 6N
-            print(f"harness: FLOP count failed ({type(error).__name__}: {error}); using 6 x parameters", flush=True)
-            self.flops_per_token = 6.0 * self.num_params
-
-    # ------------------------------------------------------------------ clock
 
     def done(self) -> bool:
         """True once the counted training time has reached the budget."""
@@ -246,6 +192,58 @@ class Run:
         }
         print(PROGRESS_TAG + json.dumps(line), flush=True)
 
+
+class Run(Clock):
+    """Owns the data and the hand-over of one training run; its clock is Clock's."""
+
+    def __init__(self) -> None:
+        skip_final_collection()
+        budget = _env_float("SCHEDULER_BUDGET", DEFAULT_BUDGET)
+        self.seed = int(_env_float("SCHEDULER_SEED", 0))
+        device = torch.device(os.environ.get("SCHEDULER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.out_dir = Path(os.environ.get("SCHEDULER_OUT", "out")).resolve()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(self.seed)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(self.seed)
+            torch.cuda.reset_peak_memory_stats(device)
+
+        train_path = Path(os.environ.get("SCHEDULER_TRAIN_DATA", "data/train.bin"))
+        if not train_path.is_file():
+            sys.exit(f"harness: no train split at {train_path}; run `python -m scheduler prepare` first")
+        # One host-to-device copy; batches are then cut on the device.
+        self.train = torch.from_numpy(np.fromfile(train_path, dtype=np.uint8)).to(device)
+        self._generator = torch.Generator(device).manual_seed(self.seed)
+
+        self.num_params = 0
+        self.check_seconds = 0.0     # watch(): the early export check
+        self.export_seconds = 0.0    # finish(): the export
+        self._started = time.time()
+        super().__init__(budget, device)  # last: the set-up time counts from here
+        self._evaluation = None if os.environ.get("SCHEDULER_TRIAL") else start_evaluation(
+            self.out_dir, train_path.resolve().parent, device.type, self._started)
+
+    # ------------------------------------------------------------------ data
+
+    def batch(self, batch_size: int, seq_len: int) -> torch.Tensor:
+        """LongTensor[batch_size, seq_len + 1] of random windows of the train split (inputs and targets)."""
+        starts = torch.randint(
+            0, self.train.numel() - seq_len - 1, (batch_size, 1), device=self.device, generator=self._generator
+        )
+        offsets = torch.arange(seq_len + 1, device=self.device)
+        return self.train[starts + offsets].long()
+
+    # ------------------------------------------------------------------ model facts
+
+    def watch(self, model: torch.nn.Module, seq_len: int) -> None:
+        """Check that the model can be handed over (exits with EXIT_EXPORT if not), count parameters and
+        measure FLOPs per token of one training step (forward + backward)."""
+        started = time.perf_counter()
+        export_or_exit(handover.check_exportable, model, self.device)
+        self.check_seconds = time.perf_counter() - started
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.flops_per_token = training_flops_per_token(model, seq_len, self.device)
+
     # ------------------------------------------------------------------ end
 
     def finish(self, model: torch.nn.Module, **facts: object) -> None:
@@ -256,7 +254,7 @@ class Run:
         """
         self._sync()
         started = time.perf_counter()
-        self._export_or_exit(handover.export_program, model, self.out_dir, self.device)
+        export_or_exit(handover.export_program, model, self.out_dir, self.device)
         self.export_seconds = time.perf_counter() - started
 
         peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else 0.0
@@ -285,37 +283,65 @@ class Run:
               f"{self.training_seconds:.1f} s of training (export {self.export_seconds:.1f} s)", flush=True)
 
         if self._evaluation is not None:
-            self._hand_over_to_evaluation()
+            hand_over_to_evaluation(self._evaluation)
 
-    @staticmethod
-    def _export_or_exit(export, *args) -> None:
-        """Run `export` (a check or the export itself); a model that cannot be handed over ends the run with one
-        line saying why (EXPORT_TAG) and EXIT_EXPORT."""
-        try:
-            export(*args)
-        except Exception as error:  # torch.export raises many kinds; each says why in its first line
-            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-            reason = f"{type(error).__name__}: {lines[0] if lines else ''}"[:500]
-            print(f"{EXPORT_TAG}{reason} (the model is traced with torch.export at the evaluation's input, "
-                  f"LongTensor[{EVAL_BATCH}, {WINDOW}], in eval mode; scheduler/handover.py says what it accepts)",
-                  flush=True)
-            sys.exit(EXIT_EXPORT)
 
-    def _start_evaluation(self, train_path: Path) -> subprocess.Popen | None:
-        """On its own (not a trial), start the evaluation now: its imports (seconds) overlap training, and it
-        reads the hand-over only after "go" (scheduler/evaluate.py --wait). This is the user's own run, so its
-        figures go beside the hand-over, to out/result.json."""
-        if getattr(sys.modules["__main__"], "__file__", None) is None:  # an interactive session: finish() only saves
-            return None
-        (self.out_dir / RESULT_FILE).unlink(missing_ok=True)  # an earlier run's figures are not this run's
-        command = evaluation_command(self.out_dir, self.out_dir / RESULT_FILE, train_path.resolve().parent,
-                                     self.device.type)
-        return subprocess.Popen([*command, "--started", str(self._started), "--wait"], stdin=subprocess.PIPE)
+# ---------------------------------------------------------------------- what Run does for it
 
-    def _hand_over_to_evaluation(self) -> None:
-        """Tell the evaluation to score, then replace this process by one that waits for it: the training
-        code's state and GPU memory are gone while it scores, and the exit code is the evaluation's."""
-        send_go(self._evaluation)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", WAIT_FOR_CHILD, str(self._evaluation.pid)])
+
+def training_flops_per_token(model: torch.nn.Module, seq_len: int, device: torch.device) -> float:
+    """Model FLOPs of one forward and backward pass per token, counted on one sequence of `seq_len` bytes."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        x = torch.zeros(1, seq_len, dtype=torch.long, device=device)
+        aten = torch.ops.aten
+        fused_backwards = (aten._scaled_dot_product_efficient_attention_backward,
+                           aten._scaled_dot_product_flash_attention_backward,
+                           aten._scaled_dot_product_cudnn_attention_backward)
+        counter = FlopCounterMode(display=False,
+                                  custom_mapping=dict.fromkeys(fused_backwards, attention_backward_flops))
+        with counter:
+            model(x).float().sum().backward()
+        model.zero_grad(set_to_none=True)
+        return counter.get_total_flops() / seq_len
+    except Exception as error:  # an exotic module the counter cannot follow: fall back to 6N
+        print(f"harness: FLOP count failed ({type(error).__name__}: {error}); using 6 x parameters", flush=True)
+        return 6.0 * sum(p.numel() for p in model.parameters())
+
+
+def export_or_exit(export: Callable[..., None], *args: object) -> None:
+    """Run `export` (a check or the export itself); a model that cannot be handed over ends the run with one
+    line saying why (EXPORT_TAG) and EXIT_EXPORT."""
+    try:
+        export(*args)
+    except Exception as error:  # torch.export raises many kinds; each says why in its first line
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = f"{type(error).__name__}: {lines[0] if lines else ''}"[:500]
+        print(f"{EXPORT_TAG}{reason} (the model is traced with torch.export at the evaluation's input, "
+              f"LongTensor[{EVAL_BATCH}, {WINDOW}], in eval mode; scheduler/handover.py says what it accepts)",
+              flush=True)
+        sys.exit(EXIT_EXPORT)
+
+
+# ---------------------------------------------------------------------- a run on its own (never in a trial)
+
+
+def start_evaluation(out_dir: Path, data_dir: Path, device: str, started: float) -> subprocess.Popen | None:
+    """`python train.py` on its own: start the evaluation now, so that its imports (seconds) overlap training; it
+    reads the hand-over only after "go" (scheduler/evaluate.py --wait). This is the user's own run, so its
+    figures go beside the hand-over, to out/result.json. A trial runs its evaluation itself."""
+    if getattr(sys.modules["__main__"], "__file__", None) is None:  # an interactive session: finish() only saves
+        return None
+    (out_dir / RESULT_FILE).unlink(missing_ok=True)  # an earlier run's figures are not this run's
+    command = evaluation_command(out_dir, out_dir / RESULT_FILE, data_dir, device)
+    return subprocess.Popen([*command, "--started", str(started), "--wait"], stdin=subprocess.PIPE)
+
+
+def hand_over_to_evaluation(evaluation: subprocess.Popen) -> NoReturn:
+    """Tell the evaluation to score, then replace this process by one that waits for it: the training
+    code's state and GPU memory are gone while it scores, and the exit code is the evaluation's."""
+    send_go(evaluation)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", WAIT_FOR_CHILD, str(evaluation.pid)])
