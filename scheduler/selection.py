@@ -21,6 +21,11 @@ rejected, promoted) with the figures it was judged on (`Candidate.verdict`,
 `Candidate.judged`): `wait`, `show` and `results` read them through
 scheduler/verdict.py, without Ray.
 
+The parts, in the order of the file: `Candidate` and `State`, what is kept;
+`rule_on`, the rule's answer on one candidate; `BaselineKeeper`, the baseline's
+side (its changes, the lineage, its control runs); `Selection`, the actor, which
+records rows, acts on the rulings and saves.
+
 All state lives in results/selection.json (`State`), rewritten after every
 change, so a relaunch, or Ray restarting a killed actor, restores it exactly.
 In Ray the class runs as one named actor, `selection` (see `selection_actor`).
@@ -32,6 +37,7 @@ import ast
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -70,6 +76,28 @@ class Candidate:
     def failed(self) -> int:
         """Its runs that gave no score."""
         return self.runs - sum(len(s) for s in self.scores.values())
+
+    def take(self, row: dict, gpu: str) -> None:
+        """Count one finished run of it (a first run or a rerun) and its score, if it scored."""
+        self.runs += 1
+        self.agent, self.description = row.get("agent"), row.get("description")
+        self.source_sha256, self.parent = row.get("source_sha256"), row.get("parent")
+        if row["kind"] == "confirm":
+            self.outstanding = max(0, self.outstanding - 1)
+        if row["status"] == "ok" and not self.done:
+            self.scores.setdefault(gpu, []).append(row["val_bpc"])
+
+    def keep_verdict(self, ruling: Ruling, gpu: str) -> None:
+        """Keep the verdict and the figures it was judged on (nan, no baseline score yet, kept as None)."""
+        if ruling.verdict == Verdict.PROMOTE:
+            self.verdict = PROMOTED
+        elif ruling.verdict == Verdict.REJECT:
+            self.verdict = REJECTED
+        else:  # confirm, or pending: waiting for its reruns, or for a score of the baseline
+            self.verdict = CONFIRMING if self.outstanding else PENDING
+        figures = {k: getattr(ruling.judgement, k) for k in JUDGED} if ruling.judgement else {}
+        self.judged = {"gpu": gpu, "reason": ruling.reason, **dict.fromkeys(JUDGED),
+                       **{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in figures.items()}}
 
     @classmethod
     def from_saved(cls, saved: dict) -> "Candidate":
@@ -128,9 +156,164 @@ def usable_baseline(source: bytes) -> str | None:
     return None
 
 
+@dataclass
+class Ruling:
+    """What the selection does about one candidate after asking the rule (`rule_on`)."""
+    verdict: Verdict
+    reason: str
+    judgement: Judgement | None = None  # the rule's, when the candidate had scores to judge
+    reruns: int = 0                     # confirmation reruns to queue now
+    control: bool = False               # a control run of the baseline to queue first
+
+
+def rule_on(candidate: Candidate, gpu: str, rule: PromotionRule) -> Ruling:
+    """The promotion rule's answer on one candidate's scores on one GPU type, corrected for what the rule does not
+    see: runs of it that failed, and reruns still to come."""
+    scores = candidate.scores.get(gpu, [])
+    if not scores:
+        if candidate.outstanding == 0:
+            return Ruling(Verdict.REJECT, "no successful run to judge: every run of it failed")
+        return Ruling(Verdict.PENDING, "no successful run yet")
+    judgement = rule.judge(gpu, scores)
+    verdict, reason = judgement.verdict, judgement.reason
+    if verdict == Verdict.PENDING and not rule.baseline_scores(gpu):
+        return Ruling(verdict, reason, judgement, control=True)  # the baseline's first score comes first
+    if verdict == Verdict.PENDING and candidate.outstanding == 0:
+        verdict = Verdict.REJECT  # its reruns failed: nothing more will come
+    elif verdict == Verdict.CONFIRM and len(scores) == 1 and candidate.failed():
+        # its first run screened and its reruns so far all failed (crashed, refused): screening it again would
+        # queue reruns for ever; it is rejected once those still queued are in, unless one of them scores
+        verdict = Verdict.PENDING if candidate.outstanding else Verdict.REJECT
+        reason = "its first run screened well, and its reruns failed" if verdict == Verdict.REJECT else reason
+    if verdict == Verdict.CONFIRM:
+        return Ruling(verdict, reason, judgement, reruns=judgement.reruns, control=judgement.control)
+    return Ruling(verdict, reason, judgement)
+
+
+def queue_reruns(layout: Layout, cid: str, candidate: Candidate, n: int) -> None:
+    """Queue `n` confirmation reruns of a candidate, ahead of new candidates, each with a seed of its own."""
+    for _ in range(n):
+        run = candidate.runs + candidate.outstanding + 1
+        queue.push(layout, queue.Entry(
+            trial_id=f"{cid}-r{run}", candidate_id=cid, kind="confirm", source_sha256=candidate.source_sha256,
+            agent=candidate.agent or "", parent=candidate.parent or "", description=candidate.description or "",
+            seed=run - 1, submitted_at=time.time()), priority=queue.URGENT)
+        candidate.outstanding += 1
+
+
+class BaselineKeeper:
+    """The baseline's side of the selection: which train.py is the baseline (`State.baseline_sha`), its control
+    runs, and each change of it (adopted, edited by hand, promoted to, restored), archived and installed through
+    custody (scheduler/custody.py) and written to the lineage with its diff. It never saves the state itself
+    except where a write of train.py must follow the save (`promote`, `restore`); Selection saves the rest."""
+
+    def __init__(self, layout: Layout, state: State, custody: Custody, notes: list[str],
+                 save: Callable[[], None]) -> None:
+        self.layout, self.state, self.custody, self.notes, self.save = layout, state, custody, notes, save
+
+    @property
+    def id(self) -> str:
+        return baseline_id(self.state.baseline_sha)
+
+    def adopt(self, source: bytes) -> None:
+        """The first baseline of this results folder."""
+        self.state.baseline_sha = self.custody.archive(source)
+
+    def restore(self, why: str) -> None:
+        try:
+            self.custody.restore(self.state.baseline_sha)
+        except SourceRefused as refused:
+            self.notes.append(f"{why}, and it cannot be restored: {refused}. Put a working train.py back by hand")
+            return
+        self.state.installing = False
+        self.save()
+        self.notes.append(f"{why}; restored baseline {self.id} from the archive")
+
+    def record_hand_edit(self, source: bytes) -> None:
+        """train.py was changed outside the selection actor: it becomes the baseline, recorded as a hand edit."""
+        old, diff = self._change(source)
+        results.write_promotion(self.layout.results, {
+            "promoted_at": results.now(), "kind": "hand_edit", "description": HAND_EDIT, "old_baseline": old,
+            "new_baseline": self.id, "diff": diff})
+        added, removed = diff_size(diff)
+        self.notes.append(f"train.py was edited by hand: baseline {old} -> {self.id} (+{added} -{removed} "
+                          f"lines), recorded in the lineage with its diff (`python -m scheduler baseline`); "
+                          f"it is unscored until its control runs")
+
+    def promote(self, cid: str, candidate: Candidate, gpu: str, judgement: Judgement, source: bytes) -> None:
+        """Make the candidate's `source` the baseline: lineage, archive, train.py, and the optional git commit."""
+        old, diff = self._change(source)
+        gain = judgement.baseline_mean - judgement.candidate_mean
+        # Lineage first, then the state saved as installing, then train.py: an actor killed in between finishes
+        # the install when it restarts (sync_baseline), instead of taking the old train.py for a hand edit.
+        results.write_promotion(self.layout.results, {
+            "promoted_at": results.now(), "kind": "promotion", "candidate_id": cid, "agent": candidate.agent,
+            "description": candidate.description, "old_baseline": old, "new_baseline": self.id,
+            "gpu_name": gpu, "old_mean": judgement.baseline_mean, "new_mean": judgement.candidate_mean,
+            "gain": gain, "n_candidate": judgement.n_candidate, "n_baseline": judgement.n_baseline,
+            "sigma": judgement.sigma, "threshold": judgement.threshold, "reason": judgement.reason, "diff": diff,
+        })
+        self.state.installing = True
+        self.save()
+        self.custody.install(source)
+        self.state.installing = False
+        failed = self.custody.commit(
+            f"Promote {cid} ({candidate.agent}): {candidate.description}\n\n"
+            f"val bpc {judgement.baseline_mean:.4f} -> {judgement.candidate_mean:.4f} "
+            f"(gain {gain:.4f}, n={judgement.n_candidate})")
+        if failed:
+            self.notes.append(f"git commit of the promotion failed: {failed}")
+
+    def _change(self, source: bytes) -> tuple[str, str]:
+        """Archive `source` and make it the baseline; returns the old baseline's id and the diff from it. Control
+        runs of the old baseline still queued are dropped: they would score a model that is no longer the
+        baseline."""
+        old_sha, old = self.state.baseline_sha, self.id
+        new_sha = self.custody.archive(source)
+        try:
+            diff = baseline_diff(self.custody.baseline_source(old_sha), source, old, baseline_id(new_sha))
+        except SourceRefused as refused:
+            diff = f"no diff: {refused}"
+        queue.drop(self.layout, old)
+        self.state.baseline_sha, self.state.failed_controls = new_sha, 0
+        return old, diff
+
+    def control_queued(self) -> bool:
+        """Is a control run of the current baseline queued or running?"""
+        return any(e.kind == "control" and e.candidate_id == self.id
+                   for e in queue.pending(self.layout) + queue.running(self.layout))
+
+    def queue_control(self, seed: int) -> None:
+        if self.state.failed_controls >= MAX_FAILED_CONTROLS:
+            self.notes.append(f"the baseline failed its last {self.state.failed_controls} control runs: see "
+                              f"`python -m scheduler show {self.id}` and fix train.py")
+            return
+        self.state.controls += 1
+        queue.push(self.layout, queue.Entry(
+            trial_id=f"{self.id}-c{self.state.controls}", candidate_id=self.id, kind="control",
+            source_sha256=self.state.baseline_sha, agent="baseline", parent=self.id,
+            description="control run of the baseline", seed=seed, submitted_at=time.time(),
+            score_test=self.id not in self.state.test_scored),
+            priority=queue.URGENT)
+        self.state.trials_since_control = 0
+
+    def count_control(self, row: dict) -> dict | None:
+        """Take a control run's row: None when its score counts for the baseline, else the decision saying why
+        not. A control run's candidate_id is the baseline whose source it ran: one queued before a promotion or
+        a hand edit and run after it scored the old model, whatever baseline was current when it started."""
+        if row["candidate_id"] != self.id:
+            return {"decision": f"control run of {row['candidate_id']}, not the current baseline: not counted"}
+        if row["status"] != "ok":
+            self.state.failed_controls += 1
+            return {"decision": "control run not counted", "status": row["status"]}
+        self.state.failed_controls = 0
+        if row.get("test_bpc") is not None and self.id not in self.state.test_scored:
+            self.state.test_scored.append(self.id)
+        return None
+
+
 class Selection:
-    """The promotion rule's state and its decisions; the writes of train.py itself are in custody
-    (scheduler/custody.py)."""
+    """The promotion rule's state and its decisions on candidates; the baseline's side is its BaselineKeeper."""
 
     def __init__(self, root: str, rule: dict | None = None, git_commit: bool = False) -> None:
         self.layout = Layout.at(root)
@@ -139,112 +322,52 @@ class Selection:
         self.state = State.load(self.layout.selection_state)
         self.rule = PromotionRule(self.rule_config, self.state.rule)
         self.notes: list[str] = []
-
-    # ------------------------------------------------------------------ state
+        self.keeper = BaselineKeeper(self.layout, self.state, self.custody, self.notes, self._save)
 
     def _save(self) -> None:
         self.state.rule, self.state.rule_config = self.rule.to_dict(), asdict(self.rule_config)
         self.state.save(self.layout.selection_state)
 
     def baseline(self) -> str:
-        return baseline_id(self.state.baseline_sha)
+        return self.keeper.id
 
     def sync_baseline(self) -> dict:
-        """Check train.py against the recorded baseline (launch start, and before each trial).
-
-        An edit by hand that still works becomes the new (unscored) baseline and
-        is recorded in the lineage with its diff; a missing or broken train.py is
-        restored from the archive. The notes say what happened.
-        """
+        """Check train.py against the recorded baseline (launch start, and before each trial): an edit by hand
+        that still works becomes the new, unscored baseline, recorded in the lineage with its diff; a missing or
+        broken train.py is restored from the archive. The notes say what happened."""
         if self.state.installing:
-            self._restore("the selection actor stopped while it installed a promotion")
+            self.keeper.restore("the selection actor stopped while it installed a promotion")
         source = self.custody.current()
         problem = "it is missing" if source is None else usable_baseline(source)
         if problem is None:
             if sha256_bytes(source) != self.state.baseline_sha:
                 if self.state.baseline_sha:
-                    self._record_hand_edit(source)
-                else:  # the first baseline of this results folder
-                    self.state.baseline_sha = self.custody.archive(source)
+                    self.keeper.record_hand_edit(source)
+                    self.rule.new_baseline()  # the old scores belong to another model: it starts unscored
+                else:
+                    self.keeper.adopt(source)
                 self._save()
         elif self.state.baseline_sha:
-            self._restore(f"train.py was unusable ({problem})")
+            self.keeper.restore(f"train.py was unusable ({problem})")
         else:
             raise RuntimeError(f"{self.layout.baseline} cannot be the baseline: {problem}. Put a working train.py "
                                f"there.")
-        if not self.rule.gpus() and not self._control_queued():
+        if not self.rule.gpus() and not self.keeper.control_queued():
             self._queue_control()  # the first thing to do with an unscored baseline: run it
         return {"baseline": self.baseline(), "sha": self.state.baseline_sha, "notes": self._take_notes()}
 
-    def _restore(self, why: str) -> None:
-        try:
-            self.custody.restore(self.state.baseline_sha)
-        except SourceRefused as refused:
-            self.notes.append(f"{why}, and it cannot be restored: {refused}. Put a working train.py back by hand")
-            return
-        self.state.installing = False
-        self._save()
-        self.notes.append(f"{why}; restored baseline {self.baseline()} from the archive")
-
-    def _record_hand_edit(self, source: bytes) -> None:
-        """train.py was changed outside the selection actor: it becomes the baseline, recorded as a hand edit.
-        The old scores belong to another model, so the new baseline starts unscored."""
-        old = self.baseline()
-        diff = self._change_baseline(source)
-        self.rule.new_baseline()
-        results.write_promotion(self.layout.results, {
-            "promoted_at": results.now(), "kind": "hand_edit", "description": HAND_EDIT, "old_baseline": old,
-            "new_baseline": self.baseline(), "diff": diff})
-        added, removed = diff_size(diff)
-        self.notes.append(f"train.py was edited by hand: baseline {old} -> {self.baseline()} (+{added} -{removed} "
-                          f"lines), recorded in the lineage with its diff (`python -m scheduler baseline`); "
-                          f"it is unscored until its control runs")
-
-    def _change_baseline(self, source: bytes) -> str:
-        """Archive `source` and make it the baseline; returns the diff from the old one. Control runs of the old
-        baseline still queued are dropped: they would score a model that is no longer the baseline."""
-        old_sha, old = self.state.baseline_sha, self.baseline()
-        new_sha = self.custody.archive(source)
-        try:
-            diff = baseline_diff(self.custody.baseline_source(old_sha), source, old, baseline_id(new_sha))
-        except SourceRefused as refused:
-            diff = f"no diff: {refused}"
-        queue.drop(self.layout, old)
-        self.state.baseline_sha, self.state.failed_controls = new_sha, 0
-        return diff
-
     def _take_notes(self) -> list[str]:
-        notes, self.notes = self.notes, []
+        notes = self.notes[:]
+        self.notes.clear()  # the keeper holds the same list
         return notes
 
-    # ------------------------------------------------------------------ queueing
-
-    def _control_queued(self) -> bool:
-        """Is a control run of the current baseline queued or running?"""
-        return any(e.kind == "control" and e.candidate_id == self.baseline()
-                   for e in queue.pending(self.layout) + queue.running(self.layout))
-
     def _queue_control(self) -> None:
-        if self.state.failed_controls >= MAX_FAILED_CONTROLS:
-            self.notes.append(f"the baseline failed its last {self.state.failed_controls} control runs: see "
-                              f"`python -m scheduler show {self.baseline()}` and fix train.py")
-            return
-        self.state.controls += 1
-        queue.push(self.layout, queue.Entry(
-            trial_id=f"{self.baseline()}-c{self.state.controls}", candidate_id=self.baseline(), kind="control",
-            source_sha256=self.state.baseline_sha, agent="baseline", parent=self.baseline(),
-            description="control run of the baseline",
-            seed=sum(len(self.rule.baseline_scores(g)) for g in self.rule.gpus()),
-            submitted_at=time.time(), score_test=self.baseline() not in self.state.test_scored),
-            priority=queue.URGENT)
-        self.state.trials_since_control = 0
+        self.keeper.queue_control(seed=sum(len(self.rule.baseline_scores(g)) for g in self.rule.gpus()))
         self._save()
-
-    # ------------------------------------------------------------------ decisions
 
     def record(self, row: dict) -> dict:
         """Take one finished trial's row; returns what was decided."""
-        gpu, kind, status = row.get("gpu_name") or "unknown", row["kind"], row["status"]
+        gpu, kind = row.get("gpu_name") or "unknown", row["kind"]
         if row["trial_id"] == self.state.last_recorded:
             return {"decision": "already recorded"}
         self.state.last_recorded = row["trial_id"]
@@ -253,106 +376,48 @@ class Selection:
 
         self.state.trials_since_control += 1
         candidate = self.state.candidates.setdefault(row["candidate_id"], Candidate())
-        candidate.runs += 1
-        candidate.agent, candidate.description = row.get("agent"), row.get("description")
-        candidate.source_sha256, candidate.parent = row.get("source_sha256"), row.get("parent")
-        if kind == "confirm":
-            candidate.outstanding = max(0, candidate.outstanding - 1)
+        candidate.take(row, gpu)
         if candidate.done:
             self._save()
             return {"decision": "already decided"}
-        if status == "ok":
-            candidate.scores.setdefault(gpu, []).append(row["val_bpc"])
         decision = self._judge(row["candidate_id"], gpu)
-        if self.rule.wants_control(gpu, self.state.trials_since_control) and not self._control_queued():
+        if self.rule.wants_control(gpu, self.state.trials_since_control) and not self.keeper.control_queued():
             self._queue_control()
         self._save()
         return decision
 
     def _record_control(self, row: dict, gpu: str) -> dict:
-        # A control run's candidate_id is the baseline whose source it ran: one queued before a promotion or a
-        # hand edit and run after it scored the old model, whatever baseline was current when it started.
-        if row["candidate_id"] != self.baseline():
+        not_counted = self.keeper.count_control(row)
+        if not_counted:
             self._save()
-            return {"decision": f"control run of {row['candidate_id']}, not the current baseline: not counted"}
-        if row["status"] != "ok":
-            self.state.failed_controls += 1
-            self._save()
-            return {"decision": "control run not counted", "status": row["status"]}
-        self.state.failed_controls = 0
+            return not_counted
         self.rule.add_baseline_score(gpu, row["val_bpc"])
-        if row.get("test_bpc") is not None and self.baseline() not in self.state.test_scored:
-            self.state.test_scored.append(self.baseline())
         self._save()
-        return self._rejudge_waiting(gpu)
-
-    def _rejudge_waiting(self, gpu: str) -> dict:
-        decisions = {}
-        for cid, candidate in self.state.candidates.items():
-            if not candidate.done and candidate.scores.get(gpu) and candidate.outstanding == 0:
-                decisions[cid] = self._judge(cid, gpu)
+        decisions = {cid: self._judge(cid, gpu) for cid, candidate in self.state.candidates.items()
+                     if not candidate.done and candidate.scores.get(gpu) and candidate.outstanding == 0}
         self._save()
         return {"decision": "baseline scored", "rejudged": decisions}
 
     def _judge(self, cid: str, gpu: str) -> dict:
         """Ask the rule about a candidate and act on its answer; the candidate keeps the verdict and its figures."""
-        decision = self._decide(cid, gpu)
         candidate = self.state.candidates[cid]
-        if decision["decision"] == Verdict.PROMOTE.value:
-            candidate.verdict = PROMOTED
-        elif decision["decision"] == Verdict.REJECT.value:
-            candidate.verdict = REJECTED
-        else:  # confirm, or pending: waiting for its reruns, or for a score of the baseline
-            candidate.verdict = CONFIRMING if candidate.outstanding else PENDING
-        figures = decision.pop("figures", None)
-        candidate.judged = {"gpu": gpu, "reason": decision["reason"], **dict.fromkeys(JUDGED),
-                            **({k: None if isinstance(v, float) and math.isnan(v) else v
-                                for k, v in figures.items()} if figures else {})}
-        return {**decision, "verdict": candidate.verdict}
-
-    def _decide(self, cid: str, gpu: str) -> dict:
-        candidate = self.state.candidates[cid]
-        scores = candidate.scores.get(gpu, [])
-        if not scores:
-            if candidate.outstanding == 0:
-                candidate.done = True
-                return {"decision": "reject", "reason": "no successful run to judge: every run of it failed"}
-            return {"decision": "pending", "reason": "no successful run yet"}
-        judgement = self.rule.judge(gpu, scores)
-        figures = {k: getattr(judgement, k) for k in JUDGED}
-        verdict, reason = judgement.verdict, judgement.reason
-        if verdict == Verdict.PENDING and not self.rule.baseline_scores(gpu):
-            if not self._control_queued():
-                self._queue_control()
-        elif verdict == Verdict.PENDING and candidate.outstanding == 0:
-            verdict = Verdict.REJECT  # its reruns failed: nothing more will come
-        elif verdict == Verdict.CONFIRM and len(scores) == 1 and candidate.failed():
-            # its first run screened and its reruns so far all failed (crashed, refused): screening it again would
-            # queue reruns for ever; it is rejected once those still queued are in, unless one of them scores
-            verdict = Verdict.PENDING if candidate.outstanding else Verdict.REJECT
-            reason = "its first run screened well, and its reruns failed" if verdict == Verdict.REJECT else reason
-        if verdict == Verdict.CONFIRM:
-            if judgement.control and not self._control_queued():
-                self._queue_control()  # queued first, so the baseline's run comes before the reruns
-            for i in range(judgement.reruns):
-                run = candidate.runs + candidate.outstanding + 1
-                queue.push(self.layout, queue.Entry(
-                    trial_id=f"{cid}-r{run}", candidate_id=cid, kind="confirm", source_sha256=candidate.source_sha256,
-                    agent=candidate.agent or "", parent=candidate.parent or "",
-                    description=candidate.description or "", seed=run - 1, submitted_at=time.time()),
-                    priority=queue.URGENT)
-                candidate.outstanding += 1
-        elif verdict == Verdict.PROMOTE:
-            refused = self._promote(cid, gpu, scores, judgement)
+        ruling = rule_on(candidate, gpu, self.rule)
+        if ruling.control and not self.keeper.control_queued():
+            self._queue_control()  # queued first, so the baseline's run comes before the reruns
+        queue_reruns(self.layout, cid, candidate, ruling.reruns)
+        if ruling.verdict == Verdict.PROMOTE:
+            refused = self._promote(cid, gpu, ruling.judgement)
             if refused:
-                return {"decision": Verdict.REJECT.value, "reason": refused, "figures": figures}
-        elif verdict == Verdict.REJECT:
+                ruling = Ruling(Verdict.REJECT, refused, ruling.judgement)
+        elif ruling.verdict == Verdict.REJECT:
             candidate.done = True
-            queue.drop(self.layout, cid)
-            self.rule.add_within_variance(gpu, scores)
-        return {"decision": verdict.value, "reason": reason, "figures": figures}
+            if ruling.judgement:  # rejected on its scores, which are noise evidence (not for having none)
+                queue.drop(self.layout, cid)
+                self.rule.add_within_variance(gpu, candidate.scores[gpu])
+        candidate.keep_verdict(ruling, gpu)
+        return {"decision": ruling.verdict.value, "reason": ruling.reason, "verdict": candidate.verdict}
 
-    def _promote(self, cid: str, gpu: str, scores: list[float], judgement: Judgement) -> str | None:
+    def _promote(self, cid: str, gpu: str, judgement: Judgement) -> str | None:
         """Make the candidate the baseline; returns why not when its archived source is refused (it is then
         rejected, and its scores are not kept as noise evidence: they may not be of the source's model)."""
         candidate = self.state.candidates[cid]
@@ -364,32 +429,9 @@ class Selection:
             reason = f"promotion refused: {refused}"
             self.notes.append(f"{cid} ({candidate.agent}) was not promoted: {reason}")
             return reason
-        old = self.baseline()
-        diff = self._change_baseline(source)
-        self.rule.promote(gpu, scores)
-        # Lineage first, then the state saved as installing, then train.py: an actor killed in between finishes
-        # the install when it restarts (sync_baseline), instead of taking the old train.py for a hand edit.
-        results.write_promotion(self.layout.results, {
-            "promoted_at": results.now(), "kind": "promotion", "candidate_id": cid, "agent": candidate.agent,
-            "description": candidate.description, "old_baseline": old, "new_baseline": self.baseline(),
-            "gpu_name": gpu, "old_mean": judgement.baseline_mean, "new_mean": judgement.candidate_mean,
-            "gain": judgement.baseline_mean - judgement.candidate_mean, "n_candidate": judgement.n_candidate,
-            "n_baseline": judgement.n_baseline, "sigma": judgement.sigma, "threshold": judgement.threshold,
-            "reason": judgement.reason, "diff": diff,
-        })
-        self.state.installing = True
-        self._save()
-        self.custody.install(source)
-        self.state.installing = False
-        failed = self.custody.commit(
-            f"Promote {cid} ({candidate.agent}): {candidate.description}\n\n"
-            f"val bpc {judgement.baseline_mean:.4f} -> {judgement.candidate_mean:.4f} "
-            f"(gain {judgement.baseline_mean - judgement.candidate_mean:.4f}, n={judgement.n_candidate})")
-        if failed:
-            self.notes.append(f"git commit of the promotion failed: {failed}")
+        self.rule.promote(gpu, candidate.scores[gpu])
+        self.keeper.promote(cid, candidate, gpu, judgement, source)
         return None
-
-    # ------------------------------------------------------------------ reading
 
     def summary(self) -> dict:
         return {"baseline": self.baseline(), "baseline_sha": self.state.baseline_sha,
