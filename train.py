@@ -1,9 +1,13 @@
 """
 Character-level language model on enwik8: the baseline every agent starts from.
 
-    python train.py                 # BF16 on a GPU (FP32 on the CPU), 300 s of training, then scored
-    USE_FP8=1 python train.py       # FP8 matmuls through torchao (Hopper / Ada and newer)
-    USE_FP16=1 python train.py      # FP16 with a gradient scaler (GPUs without BF16)
+    python train.py                        # BF16 on a GPU (FP32 on the CPU), 300 s of training, then scored
+    SCHEDULER_BUDGET=60 python train.py    # a shorter run (the harness reads SCHEDULER_*; its docstring says which)
+
+Every switch is a constant below: edit it (USE_FP8 = True for FP8 matmuls
+through torchao on Hopper / Ada and newer, USE_FP16 = True for FP16 with a
+gradient scaler on GPUs without BF16). A trial gets this file and not your
+environment, so a switch read from the environment would never reach it.
 
 The scheduler runs this file (and every variant of it) through the harness in
 scheduler/harness.py, which owns the data, the clock and the hand-over: the
@@ -39,11 +43,12 @@ MODEL_DEPTH = 8           # transformer layers
 MODEL_HEADS = 6           # attention heads, each 64 wide (x-transformers' default attn_dim_head)
 MAX_SEQ_LEN = 1024        # context length in bytes
 VOCAB_SIZE = 256          # one token per byte value
-DROPOUT = 0.1             # on each block's output (GPT-2's residual dropout): 300 s is 3.8 passes over the train split
+DROPOUT = 0.1             # on each block's output (GPT-2's residual dropout): the budget makes several passes over
+                          # the train split, and without it the model memorises (docs/design.md)
 SHIFT_TOKENS = 1          # token shift: half of each layer's input features come from the previous byte (0: off)
 VALUE_RESIDUAL = True     # later attention layers mix in the first layer's values (ResFormer)
-# PyTorch attention kernels x-transformers may use (torch.nn.attention.sdpa_kernel). cuDNN's took 0.80 ms against
-# flash's 1.21 for one layer's forward and backward on an H200 (64x6x1024x64); math is the fallback
+# PyTorch attention kernels x-transformers may use (torch.nn.attention.sdpa_kernel): cuDNN's is the fastest on
+# Hopper (docs/design.md); math is the fallback
 SDPA_BACKENDS = dict(enable_cudnn=True, enable_math=True)
 
 # Optimization
@@ -51,26 +56,22 @@ LEARNING_RATE = 2e-3      # AdamAtan2 part: embeddings, norms, output layer
 MUON_LEARNING_RATE = 2e-3 # Muon part: attention and feed-forward matrices
 BATCH_SIZE = 64           # sequences per micro-batch
 GRADIENT_ACCUMULATE_EVERY = 1
-WEIGHT_DECAY = 0.1        # decoupled, scaled by the learning rate: with dropout, what keeps 3.8 passes from memorising
+WEIGHT_DECAY = 0.1        # decoupled, scaled by the learning rate: with dropout, what keeps the passes from memorising
 GRAD_CLIP = 1.0
-NEWTON_SCHULZ_DTYPE = torch.bfloat16  # Muon's orthogonalisation, as Keller Jordan's Muon: half the time of fp32
+NEWTON_SCHULZ_DTYPE = torch.bfloat16  # Muon's orthogonalisation, as Keller Jordan's Muon: faster than fp32
 
 # Learning-rate schedule, as fractions of the time budget
 WARMUP_RATIO = 0.02
 WARMDOWN_RATIO = 0.4
 FINAL_LR_FRAC = 0.0
 
-# Precision: BF16 by default; the environment can ask for FP8 or FP16
-USE_FP8 = os.environ.get("USE_FP8") == "1"
-USE_FP16 = os.environ.get("USE_FP16") == "1"
-USE_COMPILE = os.environ.get("USE_COMPILE", "1") == "1"
-# Inductor compiles one configuration per element-wise kernel instead of several to time against each other:
-# on an H200 the first steps took 42 s instead of 50, at the same speed
+# Precision and compilation
+USE_FP8 = False           # FP8 matmuls through torchao (compute capability 8.9+, else BF16)
+USE_FP16 = False          # FP16 autocast with a gradient scaler, for GPUs without BF16
+USE_COMPILE = True        # torch.compile the loss on a GPU
+# Inductor compiles one configuration per element-wise kernel instead of timing several: a shorter cold start at
+# the same speed (docs/design.md)
 INDUCTOR_OPTIONS = {"triton.autotune_pointwise": False}
-# Compile each block (norm, attention, feed-forward, residual) on its own instead of the whole loss: identical
-# layers share one compiled graph, so a cold start traces one layer, not all. On an H200 the first steps took
-# 35 s instead of 50, and training ran 6% slower (the blocks' seams are not fused)
-COMPILE_BLOCKS = False
 # Record the whole step (forward, backward, clipping, optimizer) as one CUDA graph after the first compiled
 # steps and replay it: small models are otherwise limited by Python launching hundreds of kernels a step
 CUDA_GRAPHS = True
@@ -82,7 +83,7 @@ EAGER_STEPS = 2           # steps run before the capture (compilation); the harn
 
 
 def build_model() -> torch.nn.Module:
-    """LongTensor[B, T] -> logits[B, T, 256]. The evaluation calls this too."""
+    """LongTensor[B, T] -> logits[B, T, 256]."""
     return TransformerWrapper(
         num_tokens=VOCAB_SIZE,
         max_seq_len=MAX_SEQ_LEN,
@@ -93,8 +94,8 @@ def build_model() -> torch.nn.Module:
             rotary_pos_emb=True,   # relative positions; nothing to learn per position
             attn_flash=True,       # PyTorch's fused scaled-dot-product attention
             attn_attend_sdp_kwargs=SDPA_BACKENDS,
-            # dropout on the 768-wide block outputs, not on attention weights or the 3072-wide hidden layer: 8% more
-            # tokens/s than there on an H200 (cuDNN attention is faster without dropout; 4x fewer random numbers)
+            # dropout on the 768-wide block outputs, not on attention weights or the 3072-wide hidden layer, where it
+            # slows the step (cuDNN attention is faster without dropout; 4x fewer random numbers; docs/design.md)
             attn_sublayer_dropout=DROPOUT,
             ff_sublayer_dropout=DROPOUT,
             ff_no_bias=True,       # no feed-forward biases: their gradients cost a pass over the activations
@@ -125,9 +126,9 @@ def newton_schulz(stack: torch.Tensor, steps: int, eps: float, coefs: tuple[floa
 class BatchedMuonAdamAtan2(MuonAdamAtan2):
     """MuonAdamAtan2's update computed for many tensors at once, with its state on the device.
 
-    The library steps parameter by parameter in Python: about 1,200 small GPU
-    kernels a step for the default model, 45 ms on an H100, as long as the
-    forward and backward pass together. This step does the same arithmetic
+    The library steps parameter by parameter in Python: a small GPU kernel at a
+    time, as long as the forward and backward pass together for the default
+    model (docs/design.md). This step does the same arithmetic
     with foreach ops and one batched Newton-Schulz per matrix shape (in
     NEWTON_SCHULZ_DTYPE; the library's is float32). The step
     count and the schedule's factor (`lr_scale`, which multiplies every
@@ -277,22 +278,13 @@ def trace_einops_whole() -> None:
     """Let torch.compile put x-transformers' einops calls into the graph whole instead of stepping through them.
 
     Dynamo (torch >= 2.8, einops 0.8.2) steps through einops' Python at every call, its pattern parsing
-    included: the parsing's cache does not apply while tracing. That was 80% of the bytecode Dynamo stepped
-    through for the default model: its tracing took 22.7 s on a 2-core CPU, 5.4 s with this. Whole, each call
-    is traced by AOT autograd in plain Python, where the cache works; the compiled graph is the same. (einops
-    0.8.1 and older did this on import; 0.8.2's `allow_ops_in_compiled_graph` does nothing on torch >= 2.8.)
+    included: the parsing's cache does not apply while tracing, and most of Dynamo's tracing time went there
+    (docs/design.md). Whole, each call is traced by AOT autograd in plain Python, where the cache works; the
+    compiled graph is the same. (einops 0.8.1 and older did this on import; 0.8.2's
+    `allow_ops_in_compiled_graph` does nothing on torch >= 2.8.)
     """
     for op in (einops.rearrange, einops.repeat, einops.reduce, einops.einsum, einops.pack, einops.unpack):
         torch.compiler.allow_in_graph(op)
-
-
-def compile_blocks(model: torch.nn.Module) -> None:
-    """Compile x-transformers' blocks one by one; the code between them (the layer loop) stays eager."""
-    for norms, block, residual in model.attn_layers.layers:
-        for module in (*norms, block, residual):
-            if module is not None:
-                module.compile(options=INDUCTOR_OPTIONS)
-    model.attn_layers.final_norm.compile(options=INDUCTOR_OPTIONS)
 
 
 class GraphedStep:
@@ -335,16 +327,17 @@ def main() -> None:
 
     if USE_COMPILE and device.type == "cuda":
         trace_einops_whole()
-        if COMPILE_BLOCKS:
-            compile_blocks(model)
-        else:
-            loss_of = torch.compile(loss_of, options=INDUCTOR_OPTIONS)
+        loss_of = torch.compile(loss_of, options=INDUCTOR_OPTIONS)
     autocast = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
                               enabled=precision != "fp32")
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
 
     def train_step(batch: torch.Tensor) -> torch.Tensor:
-        """One optimizer step over GRADIENT_ACCUMULATE_EVERY micro-batches of `batch`; returns the mean loss."""
+        """One optimizer step over GRADIENT_ACCUMULATE_EVERY micro-batches of `batch`; returns the mean loss.
+
+        With CUDA graphs this runs as Python only until the capture after EAGER_STEPS steps; from then on the
+        recorded kernels replay, so Python values inside the step are frozen at capture (a param group's `lr`, a
+        counter, an `if` on the loss): keep what changes in device tensors, as `optimizer.lr_scale`."""
         step_loss = torch.zeros((), device=device)
         for micro_batch in batch.chunk(GRADIENT_ACCUMULATE_EVERY):
             with autocast:

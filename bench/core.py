@@ -43,25 +43,25 @@ BUILTIN = {
 }
 
 
-def parse_variant(text: str) -> tuple[str, dict, dict]:
-    """'name: [fp8|fp16] K=V ...' -> (name, constants, environment)."""
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'name: [fp8|fp16] K=V ...' -> (name, constants); fp8 and fp16 set train.py's USE_FP8 / USE_FP16."""
     name, _, spec = text.partition(":")
-    constants, env = {}, {}
+    constants = {}
     for word in spec.split():
         if word in ("fp8", "fp16"):
-            env[f"USE_{word.upper()}"] = "1"
+            constants[f"USE_{word.upper()}"] = True
         else:
             key, _, value = word.partition("=")
             constants[key] = ast.literal_eval(value)
-    return name.strip(), constants, env
+    return name.strip(), constants
 
 
-def run_one(name: str, constants: dict, env_extra: dict, budget: float, data_dir: Path, seed: int,
-            log_dir: Path | None, rescore: bool = False, base: Path = ROOT / "train.py") -> dict:
+def run_one(name: str, constants: dict, budget: float, data_dir: Path, seed: int, log_dir: Path | None,
+            rescore: bool = False, base: Path = ROOT / "train.py") -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     script = work / "train.py"
     script.write_text(override(base.read_text(), **constants))
-    env = {**os.environ, **env_extra,
+    env = {**os.environ,
            "SCHEDULER_BUDGET": str(budget), "SCHEDULER_SEED": str(seed),
            "SCHEDULER_TRAIN_DATA": str(data_dir / "train.bin"), "SCHEDULER_OUT": str(work / "out"),
            "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache"),  # cold compile, like a fresh trial
@@ -109,8 +109,8 @@ def main() -> None:
     runs = [parse_variant(f"{n}: {BUILTIN[n]}") for n in filter(None, args.only.split(","))]
     runs += [parse_variant(v) for v in args.variant]
     rows = []
-    for name, constants, env in runs:
-        rows.append(run_one(name, constants, env, args.budget, args.data_dir, args.seed, args.logs, args.rescore, args.base))
+    for name, constants in runs:
+        rows.append(run_one(name, constants, args.budget, args.data_dir, args.seed, args.logs, args.rescore, args.base))
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
 

@@ -87,7 +87,7 @@ def check_dashboard() -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=60.0)
-    parser.add_argument("--variant", action="append", default=[], help="'name: K=V ...' (repeatable)")
+    parser.add_argument("--variant", action="append", default=[], help="'name: [fp8|fp16] K=V ...' (repeatable)")
     parser.add_argument("--agents", type=int, default=1, help="scripted agents that take turns submitting")
     parser.add_argument("--same-on-each-gpu", type=int, default=0, metavar="K",
                         help="also submit K copies of the baseline (same seed) for sigma across GPUs")
@@ -102,7 +102,7 @@ def main() -> None:
     copies = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, spec in enumerate(args.variant):
-            name, constants, _ = parse_variant(spec)
+            name, constants = parse_variant(spec)
             path = Path(tmp) / f"{name}.py"
             path.write_text(override(baseline, **constants))
             submit(root, path, agents[i % len(agents)], spec)
