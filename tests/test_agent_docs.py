@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from test_docs import code_snippets, scheduler_commands  # tests/ is on sys.path under pytest
+from conftest import code_snippets, scheduler_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENTS_MD = ROOT / "AGENTS.md"

@@ -66,6 +66,18 @@ def test_untrusted_json_is_read_only_from_a_small_regular_file(tmp_path):
         assert read_untrusted_json(path) == {}, path
 
 
-def test_peak_tflops_by_name():
-    assert peak_tflops("NVIDIA H100 PCIe") == 756.0 and peak_tflops("NVIDIA H200") == 989.0
-    assert peak_tflops("Some Future GPU") is None
+@pytest.mark.parametrize("name,tflops", [
+    ("NVIDIA H100 80GB HBM3", 989.0),
+    ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100-PCIE-40GB", 312.0),
+    ("NVIDIA H200", 989.0),
+    ("NVIDIA L40S", 362.0),
+    ("NVIDIA L4", 121.0),
+    ("NVIDIA GeForce GTX 1080 Ti", None),
+    ("Tesla V100-SXM2-16GB", None),
+    ("Some Future GPU", None),
+    ("cpu", None),
+])
+def test_peak_tflops(name, tflops):
+    assert peak_tflops(name) == tflops

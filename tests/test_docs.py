@@ -7,7 +7,6 @@ blocks, indented code and inline code, is parsed with the real parser
 
 from __future__ import annotations
 
-import re
 import shlex
 from pathlib import Path
 
@@ -15,50 +14,10 @@ import pytest
 
 from scheduler.cli import build_parser
 
+from conftest import COMMAND, PLACEHOLDERS, code_snippets, scheduler_commands
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("program.md", "AGENTS.md", "README.md")
-COMMAND = re.compile(r"python3? -m scheduler(?=\s)")
-# Placeholders a document may use for a value; each becomes a sample value of the right form.
-PLACEHOLDERS = {"$ID": "20250101-000000-abcdef", "${ID}": "20250101-000000-abcdef"}
-
-
-def code_snippets(text: str) -> tuple[list[str], str]:
-    """(code from fenced blocks, indented blocks and inline spans; the remaining prose)."""
-    snippets = []
-
-    def keep(match: re.Match) -> str:
-        snippets.append(match.group(1))
-        return "\n"
-
-    text = re.sub(r"^```[^\n]*\n(.*?)^```[ \t]*$", keep, text, flags=re.S | re.M)
-    text = re.sub(r"^((?: {4}|\t).*)$", keep, text, flags=re.M)
-
-    def keep_inline(match: re.Match) -> str:
-        snippets.append(match.group(1).replace("\n", " "))  # an inline span may wrap across lines
-        return " "
-
-    text = re.sub(r"`([^`]+)`", keep_inline, text)
-    return snippets, text
-
-
-def scheduler_commands(snippet: str) -> list[str]:
-    """Each `python -m scheduler ...` in a piece of shell: the words after `-m scheduler`, up to |, ;, &&, ), >."""
-    commands = []
-    for line in snippet.splitlines():
-        for match in COMMAND.finditer(line):
-            rest = line[match.end():]
-            lexer = shlex.shlex(rest, posix=True, punctuation_chars=True)
-            lexer.whitespace_split = True
-            words = []
-            try:
-                for word in lexer:
-                    if word and all(c in "();<>|&" for c in word):
-                        break
-                    words.append(PLACEHOLDERS.get(word, word))
-            except ValueError as error:  # an unclosed quote
-                raise AssertionError(f"cannot split {line!r}: {error}") from None
-            commands.append(words)
-    return commands
 
 
 def all_commands() -> list[tuple[str, list[str]]]:

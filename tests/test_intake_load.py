@@ -15,8 +15,7 @@ from scheduler import intake, queue, results
 from scheduler.layout import Layout
 
 from agent import submit_many
-from conftest import wait_for
-from test_scheduler import corpus, make_root, scheduler  # noqa: F401  (corpus is a fixture)
+from conftest import make_root, scheduler, wait_for
 
 SOURCE = "def build_model():\n    return None\n# {agent} {i}\n"
 AGENTS, EACH = 8, 25
@@ -110,7 +109,7 @@ def dashboard_status(url: str, token: str | None) -> int:
 
 
 @pytest.mark.slow
-def test_eight_agents_submitting_while_launch_runs(tmp_path, corpus, background_launch):  # noqa: F811
+def test_eight_agents_submitting_while_launch_runs(tmp_path, corpus, background_launch):
     """8 processes submit 25 files each as fast as they can while launch runs: 200 rows, each exactly once,
     and no file's content runs twice.
 

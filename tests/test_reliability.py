@@ -19,9 +19,7 @@ from scheduler.launch import LOCAL_HOST, dashboard_lines
 from scheduler.selection import ACTOR_NAME
 from scheduler.trial import HANDOVER_MARGIN, LOG_HEAD_BYTES, MARK, PASSED_ENV, TrialClock, candidate_env
 
-from conftest import wait_for
-from test_scheduler import (corpus, make_root, scheduler, trial_processes, variant,  # noqa: F401  (corpus is a fixture)
-                            with_main)
+from conftest import make_root, scheduler, trial_processes, variant, wait_for, with_main
 
 SLEEPER = "98765"  # a child that outlives its candidate runs `sleep 98765`
 ESCAPED = "98764"  # the child that the candidate of the fault test starts outside its process group
@@ -43,10 +41,10 @@ TRIAL_ENV = {"PYTHONPATH", "PYTHONUNBUFFERED", "CUDA_DEVICE_ORDER", "OMP_NUM_THR
 
 
 @pytest.mark.slow
-def test_hostile_candidates(tmp_path, corpus):  # noqa: F811
+def test_hostile_candidates(tmp_path, corpus):
     root = make_root(tmp_path, corpus)
     cases = {
-        "build_raises": variant().replace('    """LongTensor[B, T] -> logits[B, T, 256]. The evaluation calls this too."""',
+        "build_raises": variant().replace('    """LongTensor[B, T] -> logits[B, T, 256]."""',
                                           '    """Raises."""\n    raise ValueError("no model today")'),
         # hangs before training and ignores SIGTERM: only the start-up allowance and the SIGKILL after it end it
         "hangs_ignoring_sigterm": with_main("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
@@ -138,7 +136,7 @@ if __name__ == "__main__":
 
 
 @pytest.mark.slow
-def test_killed_selection_actor_and_trial_worker(tmp_path, corpus, background_launch):  # noqa: F811
+def test_killed_selection_actor_and_trial_worker(tmp_path, corpus, background_launch):
     """While launch runs: SIGKILL of the selection actor's process (with train.py broken by hand meanwhile),
     then SIGKILL of the Ray worker running a trial. Launch goes on to the end, and nothing is lost."""
     root = make_root(tmp_path, corpus)

@@ -3,60 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from scheduler import results
-from scheduler.constants import override
-from scheduler.trial import marked
 
-from conftest import wait_for
+from conftest import make_root, scheduler, trial_processes, variant, wait_for, with_main
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = dict(MODEL_DIM=32, MODEL_DEPTH=1, MODEL_HEADS=2, BATCH_SIZE=4)
 LAUNCH = ["launch", "--pretend-gpus", "3", "--device", "cpu", "--budget", "2", "--no-dashboard",
           "--startup-allowance", "60", "--min-baseline-runs", "1"]  # more control runs would test nothing here
 
 pytestmark = pytest.mark.slow
-
-
-def scheduler(root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scheduler", "--root", str(root), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=root)
-
-
-def make_root(tmp: Path, corpus: Path) -> Path:
-    root = tmp / "root"
-    root.mkdir()
-    (root / "train.py").write_text(override((REPO / "train.py").read_text(), **TINY))
-    assert scheduler(root, "prepare", "--from", str(corpus)).returncode == 0
-    return root
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    import random
-
-    rng = random.Random(0)
-    words = ["the", "of", "and", "model", "<page>", "[[wiki]]", "data", "history", "</text>", "\n"]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(" ".join(rng.choice(words) for _ in range(50_000)))
-    return path
-
-
-def variant(**constants) -> str:
-    return override((REPO / "train.py").read_text(), **{**TINY, **constants})
-
-
-def with_main(body: str) -> str:
-    """A candidate whose training block is replaced by `body` (build_model stays)."""
-    source = variant()
-    head = source[: source.rindex('if __name__ == "__main__":')]
-    return head + 'if __name__ == "__main__":\n' + "".join(f"    {line}\n" for line in body.splitlines())
 
 
 def test_launch_runs_every_candidate_once(tmp_path, corpus):
@@ -117,11 +75,6 @@ def test_launch_runs_every_candidate_once(tmp_path, corpus):
     again = scheduler(root, *LAUNCH, "--exit-when-idle", "--promotion", "greedy")
     assert again.returncode == 0, again.stderr[-2000:]
     assert len(results.read_trials(root / "results")) == len(frame)
-
-
-def trial_processes(root: Path, trial_ids) -> list[int]:
-    """Processes still carrying the marker of one of these trials (a candidate and anything it started)."""
-    return [pid for trial_id in trial_ids for pid in marked(str(root / "results" / "runs" / trial_id))]
 
 
 def test_kill_9_then_relaunch_loses_nothing(tmp_path, corpus, background_launch):

@@ -11,7 +11,7 @@ from scheduler import queue, results
 from scheduler.layout import Layout, sha256_bytes
 from scheduler.selection import Selection
 
-from test_scheduler import corpus, make_root, scheduler, variant  # noqa: F401  (corpus is a fixture)
+from conftest import make_root, scheduler, variant
 
 
 def row(trial_id: str, candidate_id: str, kind: str, bpc: float, baseline: str, sha: str = "") -> dict:
@@ -107,7 +107,7 @@ def test_broken_train_py_is_restored_from_the_archive(tmp_path):
 
 
 @pytest.mark.slow
-def test_launch_promotes_a_clearly_better_candidate(tmp_path, corpus):  # noqa: F811
+def test_launch_promotes_a_clearly_better_candidate(tmp_path, corpus):
     root = make_root(tmp_path, corpus)
     before = (root / "train.py").read_bytes()
     good = tmp_path / "good.py"
