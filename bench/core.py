@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scheduler.constants import override  # noqa: E402
-from scheduler.protocol import RESULT_FILE, STATS_FILE, evaluation_command  # noqa: E402
+from scheduler.protocol import DEFAULT_BUDGET, RESULT_FILE, STATS_FILE, evaluation_command  # noqa: E402
 
 # The single-GPU script this project started from (TimS-ml/autoresearch-x-transformers), in our harness.
 ORIGINAL_MODEL = ("MODEL_DIM=512 MODEL_DEPTH=6 MODEL_HEADS=8 DROPOUT=0.0 SHIFT_TOKENS=0 VALUE_RESIDUAL=False "
@@ -92,7 +92,7 @@ def run_one(name: str, constants: dict, budget: float, data_dir: Path, seed: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--budget", type=float, default=300.0)
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET)
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
     parser.add_argument("--only", default=",".join(BUILTIN), help="built-in runs to include (comma-separated; '' for none)")
     parser.add_argument("--variant", action="append", default=[], help="'name: [fp8|fp16] K=V ...' (repeatable)")

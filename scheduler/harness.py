@@ -25,7 +25,7 @@ printed it (the figures go to SCHEDULER_OUT/result.json).
 
 Environment (set by the scheduler's trial; defaults make `python train.py` work):
     SCHEDULER_TRAIN_DATA   path of the train split (default data/train.bin)
-    SCHEDULER_BUDGET       training seconds (default 300)
+    SCHEDULER_BUDGET       training seconds (default protocol.DEFAULT_BUDGET, 300)
     SCHEDULER_SEED         random seed (default 0)
     SCHEDULER_DEVICE       cuda or cpu (default: cuda when available)
     SCHEDULER_OUT          folder for the hand-over and statistics (default out/)
