@@ -22,6 +22,7 @@ training says of itself is checked (scheduler/claims.py) and never trusted.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -53,7 +54,23 @@ PASSED_ENV = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "LD_LIBRARY_PA
               "CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "VIRTUAL_ENV",
               "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
 OOM_SIGNS = ("OutOfMemoryError", "CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+# What a progress line may pass on to Tune: the harness's figures, as numbers. The line comes from the candidate's
+# process, and Tune takes some keys of a report as orders: `done` ends the trial with that report as its last
+# result, whose `result_row` launch would record as the trial's row (a forged score, promoted).
+PROGRESS_KEYS = ("step", "loss", "tok_s", "mfu", "progress", "training_seconds")
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def progress_fields(text: str) -> dict:
+    """The PROGRESS_KEYS of a progress line's JSON whose values are finite numbers; nothing else of it."""
+    try:
+        line = json.loads(text)
+    except (ValueError, RecursionError):
+        return {}
+    if not isinstance(line, dict):
+        return {}
+    return {key: line[key] for key in PROGRESS_KEYS if isinstance(line.get(key), (int, float))
+            and not isinstance(line[key], bool) and math.isfinite(line[key])}
 
 
 class OutputLog:
@@ -80,10 +97,7 @@ class OutputLog:
         for raw in iter(lambda: stream.readline(65536), b""):  # bounded: a line with no newline cannot eat memory
             line = raw.decode("utf-8", errors="replace")
             if line.startswith(PROGRESS_TAG):
-                try:
-                    self.progress = json.loads(line[len(PROGRESS_TAG):])
-                except ValueError:
-                    pass
+                self.progress = progress_fields(line[len(PROGRESS_TAG):]) or self.progress
                 if self.first_progress is None:
                     self.first_progress = time.monotonic()
             self.recent.append(line)
