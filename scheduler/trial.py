@@ -26,6 +26,7 @@ import math
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -253,6 +254,15 @@ def classify(code: int, lines: list[str]) -> tuple[str, str]:
     return "crash", last or f"exit code {code} with no output"
 
 
+def real_folder(path: Path) -> bool:
+    """Whether `path` is a folder itself, not a link to one. The candidate can put a link to any folder in place
+    of its hand-over folder; the trusted side reads and deletes files in it, and must not do so elsewhere."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def gpu_name(device: str) -> str:
     """Name of the assigned GPU, asked of nvidia-smi so that this worker never initialises CUDA itself."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
@@ -429,7 +439,7 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
             else:
                 status, reason = (cause if cause in ("oom", "refused") else "eval_failed"), why
 
-    stats = claims.read_untrusted_json(out_dir / STATS_FILE)
+    stats = claims.read_untrusted_json(out_dir / STATS_FILE) if real_folder(out_dir) else {}
     checked, refusal = claims.check(stats, figures, window, row["gpu_name"])
     if status == "ok" and refusal:
         status, reason = "refused", refusal
@@ -442,5 +452,9 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
         finished_at=time.time(), total_seconds=round(time.time() - started, 1),
     )
     log.close()
-    (out_dir / WEIGHTS_FILE).unlink(missing_ok=True)  # scored: the weights are not needed again, and they are large
+    if real_folder(out_dir):  # scored: the weights are not needed again, and they are large
+        try:
+            (out_dir / WEIGHTS_FILE).unlink(missing_ok=True)
+        except OSError:  # a folder in its place (which the evaluation refused): what is left there is the candidate's
+            pass
     tune.report({"phase": "done", "result_row": json.dumps(row)})
