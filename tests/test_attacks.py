@@ -38,7 +38,7 @@ import pytest
 from scheduler import handover, results
 from scheduler.protocol import PROGRAM_FILE, WEIGHTS_FILE
 
-from conftest import make_corpus
+from conftest import BackgroundLaunch, make_corpus
 from test_scheduler import scheduler, trial_processes
 
 CORPUS_BYTES = 200_000          # val: 10,000 bytes, one batch of the evaluation (64 rows checked for causality)
@@ -548,9 +548,9 @@ if __name__ == "__main__":
            "source_sha256": hashlib.sha256(open("train.py", "rb").read()).hexdigest(),
            "status": "ok", "reason": "", "val_bpc": 0.001, "gpu_name": "cpu"}
     print("@@progress " + json.dumps({"done": True, "result_row": json.dumps(row), "step": 1}), flush=True)
-    time.sleep(5)
+    time.sleep(3)  # the trial reports progress to Tune every 2 s
     print("@@progress " + json.dumps({"time_this_iter_s": "x", "tok_s": "lots", "progress": "all"}), flush=True)
-    time.sleep(5)
+    time.sleep(3)
 '''
 
 # New (fixed in scheduler/trial.py): a link in place of out/, to ROOT/out, where a standalone `python train.py`
@@ -716,9 +716,12 @@ def project(folder: Path, corpus: Path) -> Path:
 
 
 class ActorWatch:
-    """Every pid the selection actor had while launch ran (a killed actor comes back with another)."""
+    """Every pid the selection actor of one launch had while it ran (a killed actor comes back with another). The
+    launch runs in a session of its own, which its Ray's processes keep (conftest.BackgroundLaunch): other launches
+    on the machine have their own actors."""
 
-    def __init__(self) -> None:
+    def __init__(self, session: int) -> None:
+        self.session = session
         self.pids: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -728,7 +731,8 @@ class ActorWatch:
         while not self._stop.wait(WATCH_EVERY):
             for entry in os.scandir("/proc"):
                 try:
-                    if entry.name.isdigit() and Path(entry.path, "cmdline").read_bytes().startswith(b"ray::Selection"):
+                    if (entry.name.isdigit() and os.getsid(int(entry.name)) == self.session
+                            and Path(entry.path, "cmdline").read_bytes().startswith(b"ray::Selection")):
                         self.pids.add(int(entry.name))
                 except OSError:
                     continue
@@ -745,7 +749,8 @@ class Attacked:
     ids: dict[str, str]                   # attack -> candidate id
     rows: dict[str, dict]                 # attack -> its first run's row; "control" -> the baseline's first run
     all_rows: list[dict]
-    launch: subprocess.CompletedProcess
+    returncode: int                       # launch's
+    output: str                           # what launch printed
     seconds: float
     before: dict[str, str]                # files outside results/ and their sha256, before the launch
     baseline: str                         # the root train.py before the launch
@@ -802,11 +807,15 @@ def attacked(tmp_path_factory) -> Attacked:
             assert done.returncode == 0, done.stderr
             ids[attack] = done.stdout.strip()
         before, baseline, sources = outside_results(root), (root / "train.py").read_text(), scheduler_sources()
-        watch = ActorWatch()
         started = time.monotonic()
-        launch = scheduler(root, *LAUNCH, timeout=1200)
+        launch = BackgroundLaunch(root, tuple(LAUNCH[1:]), umask=-1)
+        watch = ActorWatch(session=launch.proc.pid)
+        try:
+            returncode = launch.wait(1200)
+        finally:
+            actor_pids = watch.stop()
+            launch.kill_all()
         seconds = time.monotonic() - started
-        actor_pids = watch.stop()
 
         plain = project(tmp / "unsandboxed", corpus)
         done = scheduler(plain, *LAUNCH, "--sandbox", "none", timeout=600)
@@ -818,7 +827,8 @@ def attacked(tmp_path_factory) -> Attacked:
     by_candidate = {r["candidate_id"]: r for r in all_rows if r["trial_id"].endswith("-r1")}
     rows = {attack: by_candidate.get(cid) for attack, cid in ids.items()}
     rows["control"] = next(r for r in all_rows if r["kind"] == "control" and r["trial_id"].endswith("-c1"))
-    return Attacked(root=root, ids=ids, rows=rows, all_rows=all_rows, launch=launch, seconds=seconds, before=before,
+    return Attacked(root=root, ids=ids, rows=rows, all_rows=all_rows, returncode=returncode,
+                    output=launch.stderr(), seconds=seconds, before=before,
                     baseline=baseline, sources=sources, actor_pids=actor_pids, marker=marker,
                     unsandboxed=unsandboxed, outside_copy=outside_copy)
 
@@ -847,7 +857,7 @@ def failed_attempts(attacked: Attacked, attack: str, expected: int) -> dict[str,
 
 @pytest.mark.slow
 def test_launch_runs_every_attack_and_keeps_running(attacked):
-    assert attacked.launch.returncode == 0, attacked.launch.stderr[-3000:]
+    assert attacked.returncode == 0, attacked.output[-3000:]
     missing = [attack for attack, row in attacked.rows.items() if row is None]
     assert not missing, missing
     # nobody's trial broke the trial's own code (an interrupted row is a worker that raised or died)
@@ -888,7 +898,7 @@ def test_nothing_outside_the_trial_folders_changes(attacked):
     if token.exists():
         secret = token.read_bytes().strip()
         logs = [p for p in (root / "results" / "runs").rglob("log.txt") if secret in p.read_bytes()]
-        assert not logs and secret not in (attacked.launch.stdout + attacked.launch.stderr).encode()
+        assert not logs and secret not in attacked.output.encode()
 
 
 # ----------------------------------------------------------------------------------------------- issue 18's table
