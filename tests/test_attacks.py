@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -758,8 +758,6 @@ class Attacked:
     actor_pids: set[int]
     marker: Path                          # what the pickles would create
     unsandboxed: dict                     # the baseline's control run with --sandbox none
-    outside_copy: Path
-    extra: dict = field(default_factory=dict)
 
     def log(self, attack: str) -> str:
         return (self.root / "results" / "runs" / f"{self.ids[attack]}-r1" / "log.txt").read_text(errors="replace")
@@ -775,12 +773,14 @@ class Attacked:
 
 
 def outside_results(root: Path) -> dict[str, str]:
+    """The root's files that launch does not write (all but results/ and candidates/), with their sha256."""
     return {str(p.relative_to(root)): digest(p) for p in sorted(root.rglob("*"))
             if p.is_file() and not p.is_symlink() and "results" not in p.relative_to(root).parts
             and "candidates" not in p.relative_to(root).parts}
 
 
 def scheduler_sources() -> dict[str, str]:
+    """The scheduler package's sources, which the evaluation imports, with their sha256."""
     package = Path(handover.__file__).parent
     return {p.name: digest(p) for p in sorted(package.glob("*.py"))}
 
@@ -830,7 +830,7 @@ def attacked(tmp_path_factory) -> Attacked:
     return Attacked(root=root, ids=ids, rows=rows, all_rows=all_rows, returncode=returncode,
                     output=launch.stderr(), seconds=seconds, before=before,
                     baseline=baseline, sources=sources, actor_pids=actor_pids, marker=marker,
-                    unsandboxed=unsandboxed, outside_copy=outside_copy)
+                    unsandboxed=unsandboxed)
 
 
 def honest(attacked: Attacked) -> float:
