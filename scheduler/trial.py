@@ -22,9 +22,11 @@ training says of itself is checked (scheduler/claims.py) and never trusted.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -54,7 +56,28 @@ PASSED_ENV = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "LD_LIBRARY_PA
               "CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "VIRTUAL_ENV",
               "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
 OOM_SIGNS = ("OutOfMemoryError", "CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+# The tagged lines that name a failure, by the process that prints them: the harness (in the sandbox) says why the
+# model cannot be exported; only the evaluation refuses a hand-over or fails. A training that prints the
+# evaluation's tags is a crash with that line, not a refusal.
+TRAINING_TAGS = {EXPORT_TAG: "export_failed"}
+EVALUATION_TAGS = {REFUSED_TAG: "refused", FAIL_TAG: "eval_failed"}
+# What a progress line may pass on to Tune: the harness's figures, as numbers. The line comes from the candidate's
+# process, and Tune takes some keys of a report as orders: `done` ends the trial with that report as its last
+# result, whose `result_row` launch would record as the trial's row (a forged score, promoted).
+PROGRESS_KEYS = ("step", "loss", "tok_s", "mfu", "progress", "training_seconds")
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def progress_fields(text: str) -> dict:
+    """The PROGRESS_KEYS of a progress line's JSON whose values are finite numbers; nothing else of it."""
+    try:
+        line = json.loads(text)
+    except (ValueError, RecursionError):
+        return {}
+    if not isinstance(line, dict):
+        return {}
+    return {key: line[key] for key in PROGRESS_KEYS if isinstance(line.get(key), (int, float))
+            and not isinstance(line[key], bool) and math.isfinite(line[key])}
 
 
 class OutputLog:
@@ -63,7 +86,8 @@ class OutputLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.recent: deque[str] = deque(maxlen=TAIL_KEPT)       # always the last lines, for the result row
+        self.recent: deque[tuple[int, str]] = deque(maxlen=TAIL_KEPT)  # always the last lines (numbered), for the row
+        self.count = 0                                          # lines read so far, of every process followed
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)    # lines past the head, written at close
         self.progress: dict = {}
         self.first_progress: float | None = None
@@ -81,13 +105,11 @@ class OutputLog:
         for raw in iter(lambda: stream.readline(65536), b""):  # bounded: a line with no newline cannot eat memory
             line = raw.decode("utf-8", errors="replace")
             if line.startswith(PROGRESS_TAG):
-                try:
-                    self.progress = json.loads(line[len(PROGRESS_TAG):])
-                except ValueError:
-                    pass
+                self.progress = progress_fields(line[len(PROGRESS_TAG):]) or self.progress
                 if self.first_progress is None:
                     self.first_progress = time.monotonic()
-            self.recent.append(line)
+            self.count += 1
+            self.recent.append((self.count, line))
             if self._head_left > 0:
                 self._file.write(line)
                 self._head_left -= len(raw)
@@ -102,8 +124,9 @@ class OutputLog:
             thread.join(timeout=10)
         self._threads.clear()
 
-    def last_lines(self) -> list[str]:
-        return [line.rstrip("\n") for line in self.recent]
+    def last_lines(self, since: int = 0) -> list[str]:
+        """The last lines kept; with `since`, only those after line number `since` (one process's output)."""
+        return [line.rstrip("\n") for number, line in self.recent if number > since]
 
     def close(self) -> None:
         """Write the kept tail after the head, with a note of what was dropped in between."""
@@ -218,12 +241,12 @@ def await_process(proc: subprocess.Popen, log: OutputLog, report: Callable[[], N
     return proc.returncode, stopped
 
 
-def classify(code: int, lines: list[str]) -> tuple[str, str]:
-    """(status, one-line reason) of a training or evaluation process that ended on its own, not cleanly."""
+def classify(code: int, lines: list[str], tags: dict[str, str]) -> tuple[str, str]:
+    """(status, one-line reason) of a training or evaluation process that ended on its own, not cleanly, from
+    its own output `lines`; `tags` are the tagged lines that process may print (TRAINING_TAGS, EVALUATION_TAGS)."""
     text = "\n".join(lines)
-    tagged = {EXPORT_TAG: "export_failed", REFUSED_TAG: "refused", FAIL_TAG: "eval_failed"}
     for line in reversed(lines):
-        for tag, status in tagged.items():
+        for tag, status in tags.items():
             if line.startswith(tag):
                 return status, line[len(tag):]
     if any(sign in text for sign in OOM_SIGNS):
@@ -238,6 +261,15 @@ def classify(code: int, lines: list[str]) -> tuple[str, str]:
     if signal_number:
         return "crash", f"killed by signal {signal_number}" + (f": {last}" if last else "")
     return "crash", last or f"exit code {code} with no output"
+
+
+def real_folder(path: Path) -> bool:
+    """Whether `path` is a folder itself, not a link to one. The candidate can put a link to any folder in place
+    of its hand-over folder; the trusted side reads and deletes files in it, and must not do so elsewhere."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def gpu_name(device: str) -> str:
@@ -395,13 +427,14 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
         status, reason = "timeout", stopped
     elif code != 0:
         kill_group(evaluation)
-        status, reason = classify(code, log.last_lines())
+        status, reason = classify(code, log.last_lines(), TRAINING_TAGS)
     elif not (out_dir / WEIGHTS_FILE).exists():
         kill_group(evaluation)
         status, reason = "crash", "training finished without saving its model: call run.finish(model)"
     else:
         tune.report({**log.progress, "phase": "eval", "elapsed": round(time.time() - started, 1)})
         send_go(evaluation)
+        training_lines = log.count  # what follows is the evaluation's
         deadline = time.monotonic() + config["eval_timeout"]
         code, stopped = await_process(
             evaluation, log, lambda: None, env[MARK],
@@ -410,13 +443,14 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
         figures = claims.read_untrusted_json(result_file)  # written by the evaluation, as soon as val is scored
         status, reason = "ok", ""
         if stopped or code != 0:
-            cause, why = ("eval_failed", stopped) if stopped else classify(code, log.last_lines())
+            evaluation_lines = log.last_lines(since=training_lines)
+            cause, why = ("eval_failed", stopped) if stopped else classify(code, evaluation_lines, EVALUATION_TAGS)
             if "val_bpc" in figures:  # the test split failed after it: the validation score stands
                 reason = f"test split not scored: {why}"
             else:
                 status, reason = (cause if cause in ("oom", "refused") else "eval_failed"), why
 
-    stats = claims.read_untrusted_json(out_dir / STATS_FILE)
+    stats = claims.read_untrusted_json(out_dir / STATS_FILE) if real_folder(out_dir) else {}
     checked, refusal = claims.check(stats, figures, window, row["gpu_name"])
     if status == "ok" and refusal:
         status, reason = "refused", refusal
@@ -429,5 +463,9 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
         finished_at=time.time(), total_seconds=round(time.time() - started, 1),
     )
     log.close()
-    (out_dir / WEIGHTS_FILE).unlink(missing_ok=True)  # scored: the weights are not needed again, and they are large
+    if real_folder(out_dir):  # scored: the weights are not needed again, and they are large
+        try:
+            (out_dir / WEIGHTS_FILE).unlink(missing_ok=True)
+        except OSError:  # a folder in its place (which the evaluation refused): what is left there is the candidate's
+            pass
     tune.report({"phase": "done", "result_row": json.dumps(row)})
