@@ -38,8 +38,7 @@ import pytest
 from scheduler import handover, results
 from scheduler.protocol import PROGRAM_FILE, WEIGHTS_FILE
 
-from conftest import BackgroundLaunch, make_corpus
-from test_scheduler import scheduler, trial_processes
+from conftest import BackgroundLaunch, make_corpus, scheduler, trial_processes
 
 CORPUS_BYTES = 200_000          # val: 10,000 bytes, one batch of the evaluation (64 rows checked for causality)
 BIG_CORPUS_BYTES = 9_600_000    # val: 469 windows, 8 batches: every batch checked, 512 rows (the evaluation's most)
