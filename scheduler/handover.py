@@ -82,7 +82,7 @@ FORMAT = "scheduler.program/1"
 VOCAB = 256
 
 MAX_PROGRAM_BYTES = 64 * 2**20      # the default model's graph is ~0.2 MB
-MAX_WEIGHTS_BYTES = 16 * 2**30      # 4 billion float32 numbers; the default model has 48 million
+MAX_WEIGHTS_BYTES = 4 * 2**30       # 1 billion float32 numbers (read whole into memory); the default has 48 million
 MAX_HEADER_BYTES = 16 * 2**20       # the safetensors header (names, shapes, offsets)
 MAX_NODES = 200_000
 MAX_WEIGHTS = 100_000
@@ -688,9 +688,19 @@ def read_program(directory: int) -> Valid:
     return validate(document)
 
 
+def declared_bytes(valid: Valid) -> int:
+    """Bytes of the tensors the program declares: what a weights file may hold, beside its header."""
+    return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+               for shape, dtype in valid.weights.values())
+
+
 def read_weights(directory: int, valid: Valid) -> dict[str, torch.Tensor]:
-    """WEIGHTS_FILE of the open folder: exactly the declared tensors, in their declared shapes and dtypes."""
-    raw = read_regular_file(directory, WEIGHTS_FILE, MAX_WEIGHTS_BYTES)
+    """WEIGHTS_FILE of the open folder: exactly the declared tensors, in their declared shapes and dtypes. Its size
+    is checked against what the program declares before it is read (a sparse file costs a candidate no disk)."""
+    declared = declared_bytes(valid)
+    _expect(declared <= MAX_WEIGHTS_BYTES, f"{PROGRAM_FILE} declares {declared} bytes of weights; at most "
+            f"{MAX_WEIGHTS_BYTES} are read")
+    raw = read_regular_file(directory, WEIGHTS_FILE, 8 + MAX_HEADER_BYTES + declared)
     _expect(len(raw) >= 8, f"{WEIGHTS_FILE} is too short for a safetensors file")
     (header_size,) = struct.unpack("<Q", raw[:8])
     _expect(header_size <= min(MAX_HEADER_BYTES, len(raw) - 8), f"{WEIGHTS_FILE}: header of {header_size} bytes")

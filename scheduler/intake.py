@@ -101,7 +101,7 @@ def check(path: Path, name: str) -> tuple[str | None, bytes]:
     except SyntaxError as error:
         return f"does not parse: line {error.lineno}: {error.msg}", data
     if not defines_build_model(tree):
-        return "no module-level build_model() function: the evaluation calls it to rebuild the model", data
+        return "no module-level build_model() function: the model it returns is what the harness hands over", data
     return None, data
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import stat
@@ -51,6 +52,7 @@ KILL_GRACE = 5.0             # seconds between SIGTERM and SIGKILL
 HANDOVER_MARGIN = 10.0       # seconds past the budget, on the trial's clock from the first progress line, for the
                              # last step, saving the weights and exiting: what a training that lies about its clock
                              # can gain at most (3% of a 300 s budget)
+CONTROL_SEQUENCE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|.?)")  # CSI, OSC, others
 MARK = "SCHEDULER_TRIAL_MARK"  # environment marker: finds processes that left the trial's process group
 PASSED_ENV = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "LD_LIBRARY_PATH", "CUDA_HOME",
               "CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "VIRTUAL_ENV",
@@ -78,6 +80,12 @@ def progress_fields(text: str) -> dict:
         return {}
     return {key: line[key] for key in PROGRESS_KEYS if isinstance(line.get(key), (int, float))
             and not isinstance(line[key], bool) and math.isfinite(line[key])}
+
+
+def printable(line: str) -> str:
+    """A line of a candidate's output as plain text: terminal control sequences (which could clear or retitle the
+    terminal of whoever reads `results` or the launch log) removed, other unprintable characters shown as '?'."""
+    return "".join(c if c.isprintable() else "?" for c in CONTROL_SEQUENCE.sub("", line.replace("\t", " ")))
 
 
 class OutputLog:
@@ -125,8 +133,9 @@ class OutputLog:
         self._threads.clear()
 
     def last_lines(self, since: int = 0) -> list[str]:
-        """The last lines kept; with `since`, only those after line number `since` (one process's output)."""
-        return [line.rstrip("\n") for number, line in self.recent if number > since]
+        """The last lines kept (they become reasons and tails that people and agents read: printable() keeps them
+        plain text); with `since`, only those after line number `since` (one process's output)."""
+        return [printable(line.rstrip("\n")) for number, line in self.recent if number > since]
 
     def close(self) -> None:
         """Write the kept tail after the head, with a note of what was dropped in between."""
@@ -244,6 +253,7 @@ def await_process(proc: subprocess.Popen, log: OutputLog, report: Callable[[], N
 def classify(code: int, lines: list[str], tags: dict[str, str]) -> tuple[str, str]:
     """(status, one-line reason) of a training or evaluation process that ended on its own, not cleanly, from
     its own output `lines`; `tags` are the tagged lines that process may print (TRAINING_TAGS, EVALUATION_TAGS)."""
+    lines = [printable(line) for line in lines]
     text = "\n".join(lines)
     for line in reversed(lines):
         for tag, status in tags.items():

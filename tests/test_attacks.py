@@ -1095,8 +1095,6 @@ def test_a_copy_of_the_corpus_elsewhere_cannot_be_read(attacked):
                                                                                             honest(attacked))
 
 
-@pytest.mark.xfail(strict=True, reason="hole: the evaluation reads a weights file whole (up to 16 GiB, sparse files "
-                                       "cost no disk) before it compares its size with what the program declares")
 def test_weights_larger_than_the_program_declares_are_refused_unread(tmp_path, monkeypatch):
     """A valid program of one 256 x 256 table (256 KiB) beside a 200 MB sparse weights file: refused, having read
     no more than the declared size and the header's cap."""
@@ -1123,9 +1121,6 @@ def test_weights_larger_than_the_program_declares_are_refused_unread(tmp_path, m
     assert sum(read) <= 256 * 256 * 4 + handover.MAX_HEADER_BYTES + len(json.dumps(program)) + 8, sum(read)
 
 
-@pytest.mark.xfail(strict=True, reason="hole: a failed trial's reason is its own last line of output, unfiltered: "
-                                       "terminal control sequences (and words addressed to other agents) reach "
-                                       "whoever reads `results`, `show` or the launch log")
 def test_a_reason_holds_no_terminal_control_sequences():
     from scheduler.trial import TRAINING_TAGS, classify
 

@@ -81,8 +81,8 @@ def test_odd_files_each_get_a_rejected_row_and_nothing_else_is_touched(tmp_path)
     assert sorted(rows["trial_id"]) == sorted(handled) and set(rows["status"]) == {"rejected"}
     reasons = sorted(rows["reason"])
     assert reasons == ["'binary.py' contains NUL bytes: binary, not Python source",
-                       "'coroutine.py' no module-level build_model() function: the evaluation calls it to rebuild "
-                       "the model",
+                       "'coroutine.py' no module-level build_model() function: the model it returns is what the "
+                       "harness hands over",
                        "'folder.py' is a folder, not a file",
                        "'latin1.py' not UTF-8 text (byte 5); a train.py variant is Python source",
                        "'link.py' is a symbolic link; submit the file itself",
