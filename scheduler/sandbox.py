@@ -8,14 +8,17 @@ environment:
                             data=data, ray_tmp=ray_temp_dir, gpu=os.environ.get("CUDA_VISIBLE_DEVICES"))
     proc = start_process(box.command([sys.executable, "train.py"]), work_dir, {**env, **box.env})
 
-Inside, the process sees the file system read-only. It can write its work
+Inside, the process sees of the host's disk only the system folders
+(SYSTEM_FOLDERS: /usr, /etc, /opt, the /lib and /bin folders, /sys), read-only,
+and what it needs put back read-only: the scheduler package's folder, the
+Python environment's folders, and the train split. It can write its work
 folder (bound read-write at the path the trial gives) and a private /tmp and
-/dev/shm, and nothing else. It can read the train split and nothing else of
-the data folder. The launch root (results/, candidates/, the root train.py,
-other trials' folders), the data folder, the user's home (~/.ray, ~/.cache),
-Ray's temp folder and /run are each covered by an empty read-only tmpfs; only
-what the interpreter needs is put back read-only: the scheduler package's
-folder and the Python environment's folders that lie under a covered one. It
+/dev/shm, and nothing else. So the launch root (results/, candidates/, the root
+train.py, other trials' folders), the data folder but the train split, the
+user's home (~/.ray, ~/.cache), Ray's temp folder, /run, /var, /srv, /mnt and
+any other copy of the corpus on the disk are not there; where one of those lies
+inside a system folder (a launch root under /opt), an empty read-only tmpfs
+covers it. It
 has no network, its own pid, ipc, uts and user namespaces, a new session, no
 capabilities (also as root: a root process with capabilities could remount
 things writable), no way to make a user namespace of its own, and a read-only
@@ -45,7 +48,11 @@ from pathlib import Path
 MODES = ("auto", "bwrap", "none")
 PRIVATE_TMP = Path("/tmp")       # a fresh tmpfs inside; HOME, TMPDIR and the compilers' caches point into it
 RAY_TMP = Path("/tmp/ray")       # Ray's default temp/session folder (its sockets); launch may have set another
-HIDDEN_SYSTEM = (Path("/run"),)  # the host's services' sockets (dbus, docker, systemd): a socket works read-only
+# What a candidate sees of the host, read-only: the system's programs, libraries and settings, and /opt (where
+# Python environments and CUDA often live). Nothing else of the disk (/home, /root, /srv, /mnt, /var, /run, a
+# launch's folders, other copies of the corpus) but what the interpreter needs, put back by launch_folders().
+SYSTEM_FOLDERS = tuple(Path(p) for p in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc",
+                                         "/opt", "/sys"))
 LAYOUT_SECRETS = ("results", "candidates", "train.py")  # under the launch root: never put back, also when linked
 GPU_SHARED_NODES = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools")  # what any CUDA process needs; never
                                  # nvidia-modeset (display) nor another GPU's /dev/nvidiaN
@@ -142,21 +149,24 @@ def interpreter_paths(executable: str = sys.executable) -> tuple[Path, ...]:
 
 def launch_folders(root: Path, data: Path, ray_tmp: Path = RAY_TMP, home: Path | None = None,
                    python: str = sys.executable) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
-    """(hidden, exposed) for a launch: the folders a candidate must not see (the launch root, with results/
-    and candidates/ wherever their links lead, the data folder, the home folder, Ray's temp folder, /run),
-    and what of them is put back read-only because `python` needs it: the scheduler package and the
-    interpreter's folders. Never a hidden folder whole, nor anything in the data folder, results/ or
-    candidates/, nor the root train.py."""
+    """(hidden, exposed) for a launch. hidden: the folders a candidate must not see (the launch root, with
+    results/ and candidates/ wherever their links lead, the data folder, the home folder, Ray's temp folder)
+    that a system folder would show, to be covered. exposed: what `python` needs that the system folders do
+    not show, or that lies in a covered folder: the scheduler package and the interpreter's folders. Never a
+    hidden folder whole, nor anything in the data folder, results/ or candidates/, nor the root train.py."""
     root, data = Path(root).resolve(), Path(data).resolve()
     if Path("/") in (root, data):
         raise SandboxError("the launch root and the data folder cannot be /: launch from a folder of its own")
     secret = [data, *((root / name).resolve() for name in LAYOUT_SECRETS)]
-    wanted = [root, *secret[:-1], Path(home or Path.home()).resolve(), Path(ray_tmp).resolve(), *HIDDEN_SYSTEM]
-    hidden = [p for p in dict.fromkeys(wanted) if p != Path("/") and p.is_dir() and not inside(p, PRIVATE_TMP)]
+    wanted = [root, *secret[:-1], Path(home or Path.home()).resolve(), Path(ray_tmp).resolve()]
+    hidden = [p for p in dict.fromkeys(wanted)  # covered where a system folder would show them (a root in /opt)
+              if p.is_dir() and any(inside(p, q) and p != q for q in SYSTEM_FOLDERS)]
     hidden = [p for p in hidden if not any(q != p and inside(p, q) for q in hidden)]  # the outermost suffice
-    covered = [*hidden, PRIVATE_TMP]
+    covered = [*(p for p in dict.fromkeys(wanted) if p != Path("/")), PRIVATE_TMP]
     exposed = [p for p in dict.fromkeys([Path(__file__).resolve().parent, *interpreter_paths(python)])
-               if any(q != p and inside(p, q) for q in covered)       # lies under a covered folder,
+               if (not any(inside(p, q) for q in SYSTEM_FOLDERS)     # not shown by a system folder,
+                   or any(q != p and inside(p, q) for q in covered))  # or under a covered folder,
+               and p != Path("/")
                and not any(inside(q, p) for q in covered + secret)    # is none and holds none,
                and not any(inside(p, q) for q in secret)]             # and lies in no secret one
     exposed = [p for p in exposed if not any(q != p and inside(p, q) for q in exposed)]
@@ -217,7 +227,13 @@ class Sandbox:
 
     def command(self, argv: list[str]) -> list[str]:
         """`argv` run inside the sandbox, in the work folder. Order matters: each mount covers the earlier."""
-        cmd = [self.binary or bwrap_path(), *FLAGS, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+        cmd = [self.binary or bwrap_path(), *FLAGS]
+        for folder in SYSTEM_FOLDERS:  # merged /usr systems link /bin, /lib, ... into /usr: the same links inside
+            if folder.is_symlink():
+                cmd += ["--symlink", os.readlink(folder), str(folder)]
+            elif folder.is_dir():
+                cmd += ["--ro-bind", str(folder), str(folder)]
+        cmd += ["--dev", "/dev", "--proc", "/proc"]
         for path in PROC_READ_ONLY:
             cmd += ["--ro-bind-try", path, path]
         cmd += ["--tmpfs", str(PRIVATE_TMP), "--tmpfs", "/dev/shm"]
@@ -230,6 +246,7 @@ class Sandbox:
         cmd += ["--bind", str(self.work), str(self.work)]
         for folder in self.hidden:  # after the binds below them: their mount points are made in the tmpfs
             cmd += ["--remount-ro", str(folder)]
+        cmd += ["--remount-ro", "/"]  # the new root is a tmpfs holding the mount points: read-only too
         return [*cmd, "--chdir", str(self.work), "--", *argv]
 
     @property

@@ -1085,9 +1085,6 @@ def test_training_before_the_first_progress_line_gains_nothing(attacked):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="hole: the sandbox hides this launch's data folder, not other copies of the "
-                                       "corpus on the machine (another project's data/, a downloaded enwik8.zip): the "
-                                       "whole file system but a few folders is readable")
 def test_a_copy_of_the_corpus_elsewhere_cannot_be_read(attacked):
     attempts = attacked.attempts("memorises_a_copy")
     row = attacked.rows["memorises_a_copy"]
