@@ -69,7 +69,8 @@ class RecordResults(Callback):
         atomic_write(layout.live / f"{trial_id}.json", json.dumps(data), fsync=False)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        if "result_row" not in trial.last_result:  # stopped before it finished (stop --now)
+        # Only the trial's own last report carries a row (its progress reports pass on the harness's numbers only)
+        if trial.last_result.get("phase") != "done" or "result_row" not in trial.last_result:  # stopped (stop --now)
             self.interrupted(trial.config, "stopped by the user before it finished")
             return
         row = json.loads(trial.last_result["result_row"])
