@@ -216,6 +216,7 @@ class Run(Clock):
         self._generator = torch.Generator(device).manual_seed(self.seed)
 
         self.num_params = 0
+        self.interpreter_seconds = process_age()  # interpreter start, imports and the train split, up to here
         self.check_seconds = 0.0     # watch(): the early export check
         self.export_seconds = 0.0    # finish(): the export
         self._started = time.time()
@@ -274,6 +275,7 @@ class Run(Clock):
             "gpu_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "seed": self.seed,
             "budget": self.budget,
+            "interpreter_seconds": round(self.interpreter_seconds, 3),
             "check_seconds": round(self.check_seconds, 3),
             "export_seconds": round(self.export_seconds, 3),
             **facts,
@@ -287,6 +289,16 @@ class Run(Clock):
 
 
 # ---------------------------------------------------------------------- what Run does for it
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux; 0.0 elsewhere): where a trial's start-up goes, for the
+    measurements in docs/design.md."""
+    try:
+        started_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(time.clock_gettime(time.CLOCK_BOOTTIME) - started_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
 
 
 def training_flops_per_token(model: torch.nn.Module, seq_len: int, device: torch.device) -> float:
