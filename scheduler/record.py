@@ -66,7 +66,8 @@ class RecordResults(Callback):
         if result.get("phase") in ("starting", "train", "eval"):
             path = self._layout().live / f"{trial.config['trial_id']}.json"
             live = json.loads(path.read_text()) if path.exists() else {}
-            keep = ("step", "loss", "tok_s", "mfu", "progress", "training_seconds", "phase", "elapsed", "gpu", "node")
+            keep = ("step", "loss", "tok_s", "mfu", "progress", "training_seconds", "phase", "elapsed", "gpu",
+                    "node")
             live.update({k: result[k] for k in keep if k in result})
             self._live(trial.config["trial_id"], live)
 
@@ -142,7 +143,8 @@ class RecordResults(Callback):
             live = json.loads((self._layout().live / f"{trial_id}.json").read_text())
         except (OSError, ValueError):
             return {}
-        where = {"node": live.get("node"), "gpu_id": live.get("gpu"), "started_at": results.from_unix(live.get("started"))}
+        where = {"node": live.get("node"), "gpu_id": live.get("gpu"),
+                 "started_at": results.from_unix(live.get("started"))}
         return {key: value for key, value in where.items() if value is not None}
 
     def _finish(self, row: dict, judge: bool = True) -> None:

@@ -396,9 +396,9 @@ def local_data(config: dict, shipped: list | None) -> tuple[str, str]:
 def node_name() -> str:
     """The node this runs on, as rows, the live files and the timeline name it: the host name and Ray's node id,
     shortened (the nodes of one machine share a host name; a node started again gets a new id)."""
-    host = socket.gethostname()
     import ray
 
+    host = socket.gethostname()
     if not ray.is_initialized():  # a test calling run_trial directly
         return host
     return f"{host}/{ray.get_runtime_context().get_node_id()[:NODE_ID_CHARS]}"
