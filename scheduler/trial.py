@@ -21,7 +21,6 @@ training says of itself is checked (scheduler/claims.py) and never trusted.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -418,18 +417,18 @@ def ray_temp_folder() -> Path:
 
 def training_command(config: dict, work: Path, env: dict, launch_data: str) -> tuple[list[str], dict]:
     """`python train.py` as the trial runs it: inside the sandbox unless the launch was told otherwise.
-    `launch_data` is the launch's data folder, hidden too where this node reads its data from another."""
+    `launch_data` is the launch's data folder: where this node reads its data from another (its own, or the
+    cache), the launch's folder and the cache are hidden too, as the data folder is (each may hold the corpus's
+    validation split: a shared file system, an earlier fetch)."""
     command = [sys.executable, "train.py"]
     if config["sandbox"] == "none":
         return command, env
-    from scheduler.sandbox import PRIVATE_TMP, Sandbox, inside
+    from scheduler.sandbox import Sandbox
 
     box = Sandbox.for_trial(work=work, train_split=Path(config["data_dir"]) / "train.bin", root=Path(config["root"]),
                             data=Path(config["data_dir"]), ray_tmp=ray_temp_folder(),
-                            gpu=env.get("CUDA_VISIBLE_DEVICES") if config["device"] == "cuda" else None)
-    launch_data_here = Path(launch_data).resolve()  # on a shared file system it holds the validation split too
-    if launch_data_here.is_dir() and not any(inside(launch_data_here, q) for q in (*box.hidden, PRIVATE_TMP)):
-        box = dataclasses.replace(box, hidden=(*box.hidden, launch_data_here))
+                            gpu=env.get("CUDA_VISIBLE_DEVICES") if config["device"] == "cuda" else None,
+                            other_data=(Path(launch_data), data_cache()))
     return box.command(command), {**env, **box.env}
 
 

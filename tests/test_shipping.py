@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from scheduler.prepare import prepare
-from scheduler.trial import DATA_NOTE, NODE_DATA_ENV, local_data, ship_data, training_command
+from scheduler.trial import DATA_NOTE, NODE_DATA_ENV, local_data, ship_data
 
 
 @pytest.fixture(scope="module")
@@ -77,21 +76,3 @@ def test_trials_starting_together_on_a_node_fetch_the_data_once(tmp_path, monkey
     assert sum(bool(note) for _, note in answers) == 1  # one fetched; the others waited for its copy
     for name in ("train.bin", "val.bin", "test.bin"):
         assert (tmp_path / "cache" / meta["sha256"] / name).read_bytes() == (tmp_path / "data" / name).read_bytes()
-
-
-def test_the_sandbox_hides_the_launchs_data_folder_where_the_node_reads_another(tmp_path, monkeypatch):
-    """On a shared file system the launch's data folder, validation split included, may be there on a node
-    that reads its own copy or its cache: the candidate sees neither folder, only its train split."""
-    from scheduler import sandbox
-
-    sandbox.bwrap_path()  # probed as it is; then the private /tmp moves, as tmp_path lies in /tmp
-    monkeypatch.setattr(sandbox, "PRIVATE_TMP", Path("/private-tmp-of-this-test"))
-    launch_data, cache, work = tmp_path / "launch-data", tmp_path / "cache", tmp_path / "work"
-    for folder in (launch_data, cache, work):
-        folder.mkdir()
-    config = {"sandbox": "bwrap", "data_dir": str(cache), "root": str(tmp_path / "root"), "device": "cpu"}
-    command, _ = training_command(config, work, {}, str(launch_data))
-    tmpfs = {command[i + 1] for i, arg in enumerate(command) if arg == "--tmpfs"}
-    assert {str(launch_data), str(cache)} <= tmpfs
-    assert ["--ro-bind", str(cache / "train.bin"), str(cache / "train.bin")] == command[
-        command.index(str(cache / "train.bin")) - 1:][:3]
