@@ -11,11 +11,12 @@ nothing, so the launch's data path is not its. One launch shows:
   their rows name the node (host and Ray node id) and GPU, and the report has a
   lane per node and GPU;
 - node B gets the splits through the object store once, into its cache, and the
-  same model scores the same on both nodes (untrained candidates of seed 0);
+  same model scores the same on both nodes (every program here, the baseline
+  too, hands over its initial model, seed 0: the same weights wherever it runs);
 - the node running a candidate is killed as a machine dies (every process of its
-  Ray node, SIGKILL): the trial gets an `interrupted` row naming that node, runs
-  again on the other node, launch goes on to the end, and no process of the
-  candidate is left;
+  Ray node, SIGKILL) while the candidate runs, after each node has recorded a
+  row: the trial gets an `interrupted` row naming that node, runs again on the
+  other node, launch goes on to the end, and no process of the candidate is left;
 - the selection actor runs on the head node, train.py and every row are under
   the launch's root.
 """
@@ -36,6 +37,7 @@ from pathlib import Path
 import pytest
 
 from scheduler import results
+from scheduler.record import RETRY_SUFFIX
 from scheduler.constants import override
 from scheduler.trial import DATA_CACHE_DEFAULT, DATA_NOTE, NODE_DATA_ENV, NODE_ID_CHARS, marked
 
@@ -44,12 +46,13 @@ from conftest import make_corpus, wait_for
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(MODEL_DIM=32, MODEL_DEPTH=1, MODEL_HEADS=2, BATCH_SIZE=4)
 NODE_GPUS = 2
-BUDGET = "6"  # seconds: the candidate that is cut off is still training when its node goes
+BUDGET = "2"  # seconds; nothing here trains: every program hands over its initial model
 NODE_FLAGS = ("--num-cpus", "1", "--object-store-memory", "80000000", "--disable-usage-stats", "--block")
 RAYLET = "/raylet/raylet"
 NODE_ID_FLAG = "--node_id="
 STARTED = "Ray runtime started"
-UNTRAINED = 3  # candidates that hand over their initial model: the same weights wherever they run
+UNTRAINED = 2  # candidates besides the one cut off: with it and the baseline, one trial per GPU at once
+CUT_OFF_SLEEP = 150  # seconds the cut-off candidate's first attempt waits, killed long before
 
 pytestmark = pytest.mark.slow
 
@@ -144,10 +147,13 @@ def submit(root: Path, path: Path) -> str:
     return done.stdout.strip()
 
 
-def untrained(source: str, n: int) -> str:
-    """A candidate that hands over build_model()'s initial weights (seed 0): the same model on any node."""
+def untrained(source: str, name: str, first_attempt_sleeps: int = 0) -> str:
+    """A program that hands over build_model()'s initial weights (seed 0): the same model on any node. With
+    `first_attempt_sleeps`, its first attempt sleeps that long first (a retry knows itself by its folder)."""
     head = source[: source.rindex('if __name__ == "__main__":')]
-    return (head + f"# untrained {n}\n" + 'if __name__ == "__main__":\n    run = harness.Run()\n'
+    sleep = (f"    import os, time\n    if not os.getcwd().endswith('{RETRY_SUFFIX}/work'):\n"
+             f"        time.sleep({first_attempt_sleeps})\n" if first_attempt_sleeps else "")
+    return (head + f"# untrained: {name}\n" + 'if __name__ == "__main__":\n' + sleep + "    run = harness.Run()\n"
             "    with run.device:\n        model = build_model()\n    run.finish(model)\n")
 
 
@@ -159,33 +165,33 @@ def test_launch_on_a_cluster_of_three_nodes(tmp_path, cluster, background_launch
     root = tmp_path / "root"
     root.mkdir()
     base = override((REPO / "train.py").read_text(), **TINY)
-    (root / "train.py").write_text(base)
+    (root / "train.py").write_text(untrained(base, "the baseline"))
     (tmp_path / "corpus.txt").write_bytes(make_corpus(200_000))
     assert scheduler(root, "prepare", "--from", str(tmp_path / "corpus.txt")).returncode == 0
-    same_model = set()
     for n in range(UNTRAINED):
-        (tmp_path / f"untrained{n}.py").write_text(untrained(base, n))
-        same_model.add(submit(root, tmp_path / f"untrained{n}.py"))
-    # trains with learning rates so small that no weight changes in float32: its retry scores as the others
-    (tmp_path / "still.py").write_text(override(base, LEARNING_RATE=1e-30, MUON_LEARNING_RATE=1e-30))
-    still = submit(root, tmp_path / "still.py")
+        (tmp_path / f"untrained{n}.py").write_text(untrained(base, f"candidate {n}"))
+        submit(root, tmp_path / f"untrained{n}.py")
+    (tmp_path / "cut.py").write_text(untrained(base, "cut off", first_attempt_sleeps=CUT_OFF_SLEEP))
+    cut = submit(root, tmp_path / "cut.py")
     for node in nodes.values():
         node.wait_started()
 
     launch = background_launch(root, "--address", address, "--device", "cpu", "--budget", BUDGET,
-                               "--no-dashboard", "--startup-allowance", "120", "--min-baseline-runs", "1",
-                               "--confirmations", "1", "--exit-when-idle")
-    live = root / "results" / "live" / f"{still}-r1.json"
+                               "--no-dashboard", "--startup-allowance", str(CUT_OFF_SLEEP + 60),
+                               "--min-baseline-runs", "1", "--confirmations", "1", "--exit-when-idle")
+    live = root / "results" / "live" / f"{cut}-r1.json"
 
-    def training() -> dict | None:
+    def cut_off_runs_and_each_node_has_a_row() -> dict | None:
         assert launch.proc.poll() is None, f"launch ended early:\n{launch.stderr()[-3000:]}"
         try:
             progress = json.loads(live.read_text())
-        except (OSError, ValueError):
+            recorded = set(results.read_trials(root / "results")["node"])
+        except (OSError, ValueError, KeyError):
             return None
-        return progress if progress.get("phase") == "train" and progress.get("node") else None
+        both = {node.named() for name, node in nodes.items() if name != "head"} <= recorded
+        return progress if progress.get("node") and both else None
 
-    cut_off = wait_for(training, 300, f"{still}-r1 to train")
+    cut_off = wait_for(cut_off_runs_and_each_node_has_a_row, 200, f"{cut}-r1 to run and a row from each node")
     selection = [pid for pid in session_processes(nodes["head"].proc.pid)
                  if command_line(pid)[0].startswith("ray::Selection")]
     assert selection, "the selection actor does not run on the head node"
@@ -198,10 +204,10 @@ def test_launch_on_a_cluster_of_three_nodes(tmp_path, cluster, background_launch
     assert rows["trial_id"].is_unique
     by_trial = rows.set_index("trial_id")
     # the trial on the lost node: interrupted there, run again on the other one, nothing of it left anywhere
-    assert by_trial.loc[f"{still}-r1", "status"] == "interrupted"
-    assert by_trial.loc[f"{still}-r1", "node"] == lost.named()
-    assert by_trial.loc[f"{still}-r1-a2", "status"] == "ok"
-    assert by_trial.loc[f"{still}-r1-a2", "node"] == kept.named()
+    assert by_trial.loc[f"{cut}-r1", "status"] == "interrupted"
+    assert by_trial.loc[f"{cut}-r1", "node"] == lost.named()
+    assert by_trial.loc[f"{cut}-r1{RETRY_SUFFIX}", "status"] == "ok"
+    assert by_trial.loc[f"{cut}-r1{RETRY_SUFFIX}", "node"] == kept.named()
     assert not [t for t in rows["trial_id"] if marked(str(root / "results" / "runs" / t))], "a trial process is left"
     # trials on both worker nodes, never two at once on one GPU nor more at once than the cluster's GPUs
     ran = rows.dropna(subset=["started_at"])
@@ -221,10 +227,10 @@ def test_launch_on_a_cluster_of_three_nodes(tmp_path, cluster, background_launch
     logs = {t: root / "results" / "runs" / t / "log.txt" for t in rows["trial_id"]}
     fetched = [t for t, log in logs.items() if log.exists() and DATA_NOTE in log.read_text()]
     assert len(fetched) == 1 and by_trial.loc[fetched[0], "node"] == nodes["b"].named(), fetched
-    same = rows[rows["candidate_id"].isin(same_model | {still}) & (rows["status"] == "ok")]
-    assert set(same["candidate_id"]) == same_model | {still}, same[["trial_id", "status"]]
-    assert set(same["node"]) == {nodes["a"].named(), nodes["b"].named()}, same[["trial_id", "node"]]
-    assert same["val_bpc"].max() - same["val_bpc"].min() < 1e-9, same[["trial_id", "node", "val_bpc"]]
+    ok = rows[rows["status"] == "ok"]
+    assert set(ok["trial_id"]) == set(rows["trial_id"]) - {f"{cut}-r1"}, rows[["trial_id", "status", "reason"]]
+    assert set(ok["node"]) == {nodes["a"].named(), nodes["b"].named()}, ok[["trial_id", "node"]]
+    assert ok["val_bpc"].max() - ok["val_bpc"].min() < 1e-9, ok[["trial_id", "node", "val_bpc"]]
     # the report has a lane per node and GPU
     from scheduler.report import write_report
 
