@@ -135,8 +135,10 @@ class OutputLog:
         stream.close()
 
     def note(self, line: str) -> None:
-        """A line of the trial's own in the log, before the processes' output."""
+        """A line of the trial's own in the log, before the processes' output; on disk at once (a node that
+        dies mid-trial leaves no buffered line unwritten)."""
         self._file.write(line + "\n")
+        self._file.flush()
         self._head_left -= len(line) + 1
 
     def wait(self) -> None:
