@@ -143,6 +143,9 @@ def launch(opts: LaunchOptions) -> int:
     os.umask(os.umask(UMASK) | UMASK)  # inherited by Ray's processes and the trials they start
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune's own per-trial logs (result.json, progress.csv, TensorBoard) repeat the trial's config, train.py's
+    # source included, at every progress report: 3 MB for a 300 s trial, read by nothing (the rows are ours)
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     layout = Layout.at(opts.root, opts.data_dir)
     if not layout.baseline.exists():
         raise LaunchError(f"no train.py in {layout.root}: run launch in the project folder or pass --root")
@@ -193,7 +196,12 @@ def _run(opts: LaunchOptions, layout: Layout, local_gpus: list[int] | None, sand
         n_gpus = int(ray.cluster_resources().get("GPU", 0))
         if n_gpus == 0:
             ray.shutdown()
-            raise LaunchError(f"the Ray cluster at {opts.address} has no GPUs")
+            raise LaunchError(f"the Ray cluster at {opts.address} has no GPUs: `ray status` lists its nodes; a node "
+                              f"that did not join says why where `ray start` ran (with token authentication, every "
+                              f"node needs RAY_AUTH_MODE=token and the head's token)")
+        nodes = sum(node["Alive"] for node in ray.nodes())
+        say(f"Ray cluster at {opts.address}: {nodes} node(s), {n_gpus} GPU(s), at most {n_gpus} trials at once "
+            f"(fixed now: a node that joins later adds no more, one that is lost leaves trials waiting for a GPU)")
     elif opts.pretend_gpus:
         n_gpus = opts.pretend_gpus
         context = start_ray(lambda: ray.init(num_gpus=n_gpus, **ray_init))

@@ -5,7 +5,9 @@ on_trial_complete  sends the row to the selection actor (which may queue reruns
                    or promote), then writes the row and clears the queue entry
 on_trial_error     the trial's worker died or the trainable raised: what is
                    left of its candidate is killed, it gets an `interrupted`
-                   row, and it is queued again once (see `interrupted`)
+                   row, and it is queued again once (see `interrupted`); a
+                   trial whose function never began is queued again as it was
+                   (see `_never_began`)
 
 A row that cannot be written (disk full, say) is kept and retried at the next
 event; it is never dropped silently.
@@ -25,7 +27,10 @@ from scheduler.layout import Layout
 from scheduler.selection import ACTOR_NAME
 
 WORKER_DIED = "The actor died unexpectedly"  # how Ray's error starts when the process running a trial is gone
+NODE_LOST = "The actor is temporarily unavailable"  # ... and when it cannot be reached: its node died or was cut off
 RETRY_SUFFIX = "-a2"                         # trial id of the one retry of an interrupted trial
+NEVER_BEGAN_TRIES = 8  # times a trial whose function never began is queued again as it was: a lost node leaves
+                       # Tune up to its GPUs' worth of cached actors that are dead, and each fails one trial's start
 
 
 def error_text(trial) -> str:
@@ -37,6 +42,8 @@ def error_text(trial) -> str:
         return "the Ray worker running it failed (Tune kept no error text)"
     if any(line.startswith(WORKER_DIED) for line in lines):
         return "the Ray worker process running it died (killed, out of memory, or crashed)"
+    if any(NODE_LOST in line for line in lines):
+        return "the Ray worker running it could not be reached: its node died, or the network to it failed"
     return f"the Ray worker running it failed: {lines[-1][:300]}" if lines else "the Ray worker running it failed"
 
 
@@ -44,6 +51,7 @@ class RecordResults(Callback):
     def __init__(self, root: str, data_dir: str) -> None:
         self.root, self.data_dir = root, data_dir
         self.unwritten: list[dict] = []
+        self.never_began: dict[str, int] = {}  # trial id -> times it was queued again without having begun
 
     def _layout(self) -> Layout:
         return Layout.at(self.root, self.data_dir)
@@ -55,10 +63,11 @@ class RecordResults(Callback):
         say(f"start {c['trial_id']} ({c['kind']}, agent {c['agent'] or '-'})")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if result.get("phase") in ("train", "eval"):
+        if result.get("phase") in ("starting", "train", "eval"):
             path = self._layout().live / f"{trial.config['trial_id']}.json"
             live = json.loads(path.read_text()) if path.exists() else {}
-            keep = ("step", "loss", "tok_s", "mfu", "progress", "training_seconds", "phase", "elapsed", "gpu")
+            keep = ("step", "loss", "tok_s", "mfu", "progress", "training_seconds", "phase", "elapsed", "gpu",
+                    "node")
             live.update({k: result[k] for k in keep if k in result})
             self._live(trial.config["trial_id"], live)
 
@@ -80,7 +89,27 @@ class RecordResults(Callback):
         self._finish(row)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        if "phase" not in trial.last_result and self._never_began(trial.config, error_text(trial)):
+            return
         self.interrupted(trial.config, error_text(trial))
+
+    def _never_began(self, config: dict, reason: str) -> bool:
+        """A trial that failed before its function reported anything (every report has a phase, the first one
+        as it begins) ran nothing of its candidate: Tune handed it a worker that was gone, kept for reuse from
+        a trial on a node since lost. It is queued again as it was, ahead of new candidates, with no row; after
+        NEVER_BEGAN_TRIES times it is handled as interrupted. False when it is not queued again."""
+        trial_id = config["trial_id"]
+        tries = self.never_began.get(trial_id, 0)
+        if tries >= NEVER_BEGAN_TRIES:
+            return False
+        self.never_began[trial_id] = tries + 1
+        layout = self._layout()
+        queue.finish(layout, trial_id)
+        queue.push(layout, queue.Entry(**{k: config[k] for k in queue.Entry.__dataclass_fields__ if k in config}),
+                   priority=queue.URGENT)
+        (layout.live / f"{trial_id}.json").unlink(missing_ok=True)
+        say(f"{trial_id} did not begin ({reason}): queued again")
+        return True
 
     def interrupted(self, config: dict, reason: str) -> None:
         """A trial that ended without a result (its worker died, `stop --now`, or a launch killed under it).
@@ -98,6 +127,7 @@ class RecordResults(Callback):
         row = {key: config.get(key) for key in results.CONFIG_COLUMNS}
         row.update(status="interrupted", reason=reason,
                    submitted_at=results.from_unix(config.get("submitted_at")), finished_at=results.now())
+        row.update(self._where(config["trial_id"]))
         retry = config.get("attempt", 1) == 1
         self._finish(row, judge=not retry)
         if retry:
@@ -105,6 +135,17 @@ class RecordResults(Callback):
             entry.trial_id, entry.attempt = f"{config['trial_id']}{RETRY_SUFFIX}", 2
             queue.push(layout, entry, priority=queue.URGENT)
             say(f"{config['trial_id']} interrupted: queued again once as {entry.trial_id}")
+
+    def _where(self, trial_id: str) -> dict:
+        """Where and since when a trial ran, as its live file says (the node it reported, its GPU, its start):
+        an interrupted trial's row and its bar in the timeline name the node that was lost."""
+        try:
+            live = json.loads((self._layout().live / f"{trial_id}.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        where = {"node": live.get("node"), "gpu_id": live.get("gpu"),
+                 "started_at": results.from_unix(live.get("started"))}
+        return {key: value for key, value in where.items() if value is not None}
 
     def _finish(self, row: dict, judge: bool = True) -> None:
         """Send the row to the selection actor (unless `judge` is False), write it, clear the trial's entries."""

@@ -11,7 +11,7 @@ colour per agent (confirmation runs hollow, control runs of the baseline grey
 crosses), the baseline as a step line with a ±σ band, promotions as labelled
 stars, and failed or rejected work as ticks in a strip under the plot.
 
-timeline.png: one lane per GPU, each trial a bar from its start to its result,
+timeline.png: one lane per GPU of each node, each trial a bar from its start to its result,
 coloured by kind (first run, confirmation, control) or by how it failed; the
 lane's label gives its busy share.
 
@@ -468,7 +468,9 @@ def _plot_timeline(trials: pd.DataFrame, path: Path) -> None:
     shown += [(s, c) for s, c in STATUS_COLOURS.items() if (ran["status"] == s).any()]
     ax.legend([Patch(color=c) for _, c in shown], [name for name, _ in shown], loc="upper left",
               bbox_to_anchor=(1.005, 1), fontsize=9)
-    ax.set_title(f"{_plural(len(ran), 'trial')} on {_plural(len(lanes), 'GPU')}, "
+    nodes = ran["node"].nunique()  # on a cluster: each lane is a GPU of a node, named host/Ray node id
+    ax.set_title(f"{_plural(len(ran), 'trial')} on {_plural(len(lanes), 'GPU')}"
+                 f"{f' of {nodes} nodes' if nodes > 1 else ''}, "
                  f"{_when(ran['started_at'].min())} to {_when(ran['finished_at'].max())} UTC", fontsize=13)
     fig.savefig(path, dpi=DPI)
 

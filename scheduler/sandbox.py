@@ -14,8 +14,9 @@ and what it needs put back read-only: the scheduler package's folder, the
 Python environment's folders, and the train split. It can write its work
 folder (bound read-write at the path the trial gives) and a private /tmp and
 /dev/shm, and nothing else. So the launch root (results/, candidates/, the root
-train.py, other trials' folders), the data folder but the train split, the
-user's home (~/.ray, ~/.cache), Ray's temp folder, /run, /var, /srv, /mnt and
+train.py, other trials' folders), the data folder but the train split (and, on
+a cluster's node that reads its data elsewhere, the node's data cache and the
+launch's data folder), the user's home (~/.ray, ~/.cache), Ray's temp folder, /run, /var, /srv, /mnt and
 any other copy of the corpus on the disk are not there; where one of those lies
 inside a system folder (a launch root under /opt), an empty read-only tmpfs
 covers it. It
@@ -148,16 +149,19 @@ def interpreter_paths(executable: str = sys.executable) -> tuple[Path, ...]:
 
 
 def launch_folders(root: Path, data: Path, ray_tmp: Path = RAY_TMP, home: Path | None = None,
-                   python: str = sys.executable) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+                   python: str = sys.executable,
+                   other_data: tuple[Path, ...] = ()) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
     """(hidden, exposed) for a launch. hidden: the folders a candidate must not see (the launch root, with
-    results/ and candidates/ wherever their links lead, the data folder, the home folder, Ray's temp folder)
-    that a system folder would show, to be covered. exposed: what `python` needs that the system folders do
-    not show, or that lies in a covered folder: the scheduler package and the interpreter's folders. Never a
-    hidden folder whole, nor anything in the data folder, results/ or candidates/, nor the root train.py."""
+    results/ and candidates/ wherever their links lead, the data folder, the home folder, Ray's temp folder,
+    `other_data`: other folders that may hold the corpus, such as the launch's data folder and the data cache
+    on a node that reads its data elsewhere) that a system folder would show, to be covered. exposed: what
+    `python` needs that the system folders do not show, or that lies in a covered folder: the scheduler
+    package and the interpreter's folders. Never a hidden folder whole, nor anything in a data folder,
+    results/ or candidates/, nor the root train.py."""
     root, data = Path(root).resolve(), Path(data).resolve()
-    if Path("/") in (root, data):
-        raise SandboxError("the launch root and the data folder cannot be /: launch from a folder of its own")
-    secret = [data, *((root / name).resolve() for name in LAYOUT_SECRETS)]
+    if Path("/") in (root, data, *(Path(p).resolve() for p in other_data)):
+        raise SandboxError("the launch root and the data folders cannot be /: launch from a folder of its own")
+    secret = [data, *(Path(p).resolve() for p in other_data), *((root / name).resolve() for name in LAYOUT_SECRETS)]
     wanted = [root, *secret[:-1], Path(home or Path.home()).resolve(), Path(ray_tmp).resolve()]
     hidden = [p for p in dict.fromkeys(wanted)  # covered where a system folder would show them (a root in /opt)
               if p.is_dir() and any(inside(p, q) and p != q for q in SYSTEM_FOLDERS)]
@@ -211,9 +215,10 @@ class Sandbox:
 
     @classmethod
     def for_trial(cls, work: Path, train_split: Path, root: Path, data: Path, ray_tmp: Path = RAY_TMP,
-                  gpu: str | None = None, python: str = sys.executable, **options) -> "Sandbox":
+                  gpu: str | None = None, python: str = sys.executable, other_data: tuple[Path, ...] = (),
+                  **options) -> "Sandbox":
         """The sandbox of a trial of the launch at `root` that runs `python`: see launch_folders()."""
-        hidden, exposed = launch_folders(root, data, ray_tmp, python=python)
+        hidden, exposed = launch_folders(root, data, ray_tmp, python=python, other_data=other_data)
         # bound at the paths the candidate is told, which may pass through links that hidden folders cover
         return cls(work=Path(os.path.abspath(work)), readable=(Path(os.path.abspath(train_split)),),
                    hidden=hidden, exposed=exposed, gpu=gpu, **options)

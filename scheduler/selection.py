@@ -442,9 +442,13 @@ class Selection:
 
 
 def selection_actor(root: str, rule: dict, git_commit: bool):
-    """The named actor, created if absent; Ray restarts it if it dies (its state is on disk)."""
+    """The named actor, created if absent; Ray restarts it if it dies (its state is on disk). It runs on the
+    caller's node (launch's), also in a cluster: it writes train.py and results/ under the root there."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return ray.remote(Selection).options(
         name=ACTOR_NAME, get_if_exists=True, max_restarts=-1, max_task_retries=3, num_cpus=0,
+        scheduling_strategy=here,
     ).remote(root, rule, git_commit)

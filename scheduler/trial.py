@@ -68,6 +68,13 @@ EVALUATION_TAGS = {REFUSED_TAG: "refused", FAIL_TAG: "eval_failed"}
 # result, whose `result_row` launch would record as the trial's row (a forged score, promoted).
 PROGRESS_KEYS = ("step", "loss", "tok_s", "mfu", "progress", "training_seconds")
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+# A node's own data folder, set in the environment of `ray start` on that node (a copy on its local disk, or
+# where a node that lacks the launch's data folder is to look): used in place of the launch's data path
+NODE_DATA_ENV = "SCHEDULER_DATA_DIR"
+DATA_CACHE_ENV = "SCHEDULER_DATA_CACHE"   # where a node keeps the splits it was sent (default below, under home)
+DATA_CACHE_DEFAULT = Path(".cache") / "gpu-research-scheduler"
+DATA_NOTE = "data: fetched "  # the trial's log line when its node was sent the splits (bench/cluster.py reads it)
+NODE_ID_CHARS = 8             # of Ray's node id in a node's name: enough to tell a cluster's nodes apart
 
 
 def progress_fields(text: str) -> dict:
@@ -126,6 +133,13 @@ class OutputLog:
                     self.dropped += 1
                 self.tail.append(line)
         stream.close()
+
+    def note(self, line: str) -> None:
+        """A line of the trial's own in the log, before the processes' output; on disk at once (a node that
+        dies mid-trial leaves no buffered line unwritten)."""
+        self._file.write(line + "\n")
+        self._file.flush()
+        self._head_left -= len(line) + 1
 
     def wait(self) -> None:
         for thread in self._threads:
@@ -333,33 +347,62 @@ def ship_data(data_dir: Path) -> list:
     return [ray.put(shipped)]
 
 
-def local_data(config: dict, shipped: list | None) -> str:
-    """The data folder on this node: the driver's path when it holds the same data, else a cache filled
-    from the object store and named by the corpus checksum (so it is fetched once per node)."""
+def data_cache() -> Path:
+    """Where this node keeps splits it was sent, one folder per corpus checksum."""
+    return Path(os.environ.get(DATA_CACHE_ENV) or Path.home() / DATA_CACHE_DEFAULT)
+
+
+def holds_data(folder: Path, sha256: str) -> bool:
+    """Whether `folder` holds every shipped split of the corpus with this checksum (meta.json is written last)."""
+    try:
+        return json.loads((folder / META_FILE).read_text())["sha256"] == sha256 and all(
+            (folder / name).exists() for name in SHIPPED)
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def local_data(config: dict, shipped: list | None) -> tuple[str, str]:
+    """(the data folder on this node, a note for the trial's log: "" unless the splits were fetched now).
+
+    The folder is the node's own (NODE_DATA_ENV where the node was started with it, else the launch's path)
+    when it holds the corpus with the launch's checksum; else a cache named by that checksum, filled from
+    the object store once per node: trials starting together on the node wait for the first one's copy.
+    """
     import ray
+    from filelock import FileLock
 
     wanted = config["data_sha256"]
-
-    def holds(folder: Path) -> bool:
-        try:
-            return json.loads((folder / META_FILE).read_text())["sha256"] == wanted and all(
-                (folder / name).exists() for name in SHIPPED)
-        except (OSError, ValueError, KeyError):
-            return False
-
-    if holds(Path(config["data_dir"])):
-        return config["data_dir"]
-    cache = Path(os.environ.get("SCHEDULER_DATA_CACHE", Path.home() / ".cache" / "gpu-research-scheduler")) / wanted
-    if not holds(cache):
+    own = Path(os.environ.get(NODE_DATA_ENV) or config["data_dir"])
+    if holds_data(own, wanted):
+        return str(own), ""
+    cache = data_cache() / wanted
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(cache.parent / f".{wanted}.lock"):
+        if holds_data(cache, wanted):
+            return str(cache), ""
         if not shipped:
-            raise FileNotFoundError(f"no data at {config['data_dir']} on {socket.gethostname()} and none shipped")
+            raise FileNotFoundError(f"no data at {own} on {node_name()} and none shipped")
+        started = time.monotonic()
         data = ray.get(shipped[0])
-        cache.mkdir(parents=True, exist_ok=True)
+        cache.mkdir(exist_ok=True)
         for name in SHIPPED:
             with atomic_path(cache / name) as tmp:
                 data[name].tofile(tmp)
         (cache / META_FILE).write_text(data[META_FILE])  # last: its presence says the rest is complete
-    return str(cache)
+    size = sum(data[name].nbytes for name in SHIPPED)
+    return str(cache), (f"{DATA_NOTE}{size / 1e6:.1f} MB in {time.monotonic() - started:.2f} s from the object "
+                        f"store into {cache} (no corpus {wanted[:12]} at {own} on {node_name()})")
+
+
+def node_name() -> str:
+    """The node this runs on, as rows, the live files and the timeline name it: the host name and Ray's node id,
+    shortened (the nodes of one machine share a host name; a node started again gets a new id)."""
+    import ray
+
+    host = socket.gethostname()
+    if not ray.is_initialized():  # a test calling run_trial directly
+        return host
+    return f"{host}/{ray.get_runtime_context().get_node_id()[:NODE_ID_CHARS]}"
 
 
 def ray_temp_folder() -> Path:
@@ -374,8 +417,11 @@ def ray_temp_folder() -> Path:
         return RAY_TMP
 
 
-def training_command(config: dict, work: Path, env: dict) -> tuple[list[str], dict]:
-    """`python train.py` as the trial runs it: inside the sandbox unless the launch was told otherwise."""
+def training_command(config: dict, work: Path, env: dict, launch_data: str) -> tuple[list[str], dict]:
+    """`python train.py` as the trial runs it: inside the sandbox unless the launch was told otherwise.
+    `launch_data` is the launch's data folder: where this node reads its data from another (its own, or the
+    cache), the launch's folder and the cache are hidden too, as the data folder is (each may hold the corpus's
+    validation split: a shared file system, an earlier fetch)."""
     command = [sys.executable, "train.py"]
     if config["sandbox"] == "none":
         return command, env
@@ -383,7 +429,8 @@ def training_command(config: dict, work: Path, env: dict) -> tuple[list[str], di
 
     box = Sandbox.for_trial(work=work, train_split=Path(config["data_dir"]) / "train.bin", root=Path(config["root"]),
                             data=Path(config["data_dir"]), ray_tmp=ray_temp_folder(),
-                            gpu=env.get("CUDA_VISIBLE_DEVICES") if config["device"] == "cuda" else None)
+                            gpu=env.get("CUDA_VISIBLE_DEVICES") if config["device"] == "cuda" else None,
+                            other_data=(Path(launch_data), data_cache()))
     return box.command(command), {**env, **box.env}
 
 
@@ -395,10 +442,14 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
     if config.get("refused"):  # its archived source no longer matches its sha256 name: nothing of it runs
         tune.report({"phase": "done", "result_row": json.dumps({
             **{key: config.get(key) for key in CONFIG_COLUMNS}, "status": "refused", "reason": config["refused"],
-            "gpu_name": gpu_name(config["device"]), "node": socket.gethostname(), "started_at": started,
+            "gpu_name": gpu_name(config["device"]), "node": node_name(), "started_at": started,
             "finished_at": time.time()})})
         return
-    config = {**config, "data_dir": local_data(config, shipped)}
+    node, gpu_id = node_name(), os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    tune.report({"phase": "starting", "node": node, "gpu": gpu_id})  # where it runs, before the data may travel
+    launch_data = config["data_dir"]
+    data_dir, fetched = local_data(config, shipped)
+    config = {**config, "data_dir": data_dir}
     folder = Path(config["runs_dir"]) / config["trial_id"]
     work = folder / WORK_DIR
     out_dir = work / OUT_DIR
@@ -407,14 +458,15 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
     result_file = folder / RESULT_FILE
     env = candidate_env(config, out_dir)
     log = OutputLog(folder / "log.txt")
+    if fetched:
+        log.note(fetched)
     row = {key: config[key] for key in CONFIG_COLUMNS}
-    row.update(gpu_id=os.environ.get("CUDA_VISIBLE_DEVICES", ""), node=socket.gethostname(),
-               gpu_name=gpu_name(config["device"]), started_at=started)
+    row.update(gpu_id=gpu_id, node=node, gpu_name=gpu_name(config["device"]), started_at=started)
 
     def report_progress() -> None:
         if log.progress:
             tune.report({**log.progress, "phase": "train", "elapsed": round(time.time() - started, 1),
-                         "gpu": row["gpu_id"]})
+                         "gpu": gpu_id, "node": node})
 
     splits = ["val", "test"] if config.get("score_test") else ["val"]  # test: a new baseline's first control run
     eval_cmd = [*evaluation_command(out_dir, result_file, config["data_dir"], config["device"]), "--split", *splits]
@@ -422,7 +474,7 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
     evaluation = start_process([*eval_cmd, "--wait"], folder, env, waits_for_go=True)
     clock = TrialClock(config["budget"], config["startup_allowance"])
     try:
-        command, training_env = training_command(config, work, env)
+        command, training_env = training_command(config, work, env, launch_data)
         training = start_process(command, work, training_env)
     except Exception:
         kill_group(evaluation)

@@ -26,7 +26,7 @@ import pytest
 from conftest import ROOT, wait_for
 from scheduler import sandbox
 from scheduler.sandbox import PACKAGE_PARENT, Sandbox, SandboxError, gpus, launch_folders, resolve
-from scheduler.trial import MARK, marked
+from scheduler.trial import DATA_CACHE_ENV, MARK, marked, training_command
 
 OUTSIDE_TMP = Path("/var/tmp")  # where the launch folders go: outside the /tmp the sandbox replaces
 GONE_AFTER = 10.0               # seconds for the kernel to take down a killed sandbox's processes
@@ -98,6 +98,47 @@ def test_hidden_files_cannot_be_read_and_the_train_split_can(launch, monkeypatch
     assert seen["secrets"] == ["FileNotFoundError"] * len(secrets)
     assert seen["train"] == "train split"
     assert seen["root"] == ["data", "results"] and seen["runs"] == ["t1"] and seen["data"] == ["train.bin"]
+
+
+def test_a_node_reading_its_data_elsewhere_shows_no_copy_of_it(launch, monkeypatch):
+    """On a cluster's worker node the trial reads the splits from the node's data cache (or its own data
+    folder), not the launch's data folder. Its candidate neither sees nor writes the cache (this corpus's
+    validation split, other corpora) nor the launch's data folder (on a shared file system), also where a
+    system folder shows them: the test makes its own folder one. Red team: the cache of a node whose cache or
+    data lay under /opt was in plain sight."""
+    base, root = launch["base"], launch["root"]
+    monkeypatch.setattr(sandbox, "SYSTEM_FOLDERS", (*sandbox.SYSTEM_FOLDERS, base))
+    launch_data, cache = base / "launch-data", base / "cache"  # launch --data-dir outside the root; the cache
+    monkeypatch.setenv(DATA_CACHE_ENV, str(cache))
+    for folder in (launch_data, cache / "sha", cache / "other-sha"):
+        folder.mkdir(parents=True)
+        (folder / "train.bin").write_text("train split")
+        (folder / "val.bin").write_text("validation")
+    config = {"sandbox": "bwrap", "data_dir": str(cache / "sha"), "root": str(root), "device": "cpu"}
+    command, env = training_command(config, launch["work"], {"PATH": os.environ["PATH"]}, str(launch_data))
+    reads = [str(p) for p in (cache / "sha" / "val.bin", cache / "other-sha" / "val.bin", launch_data / "val.bin")]
+    writes = [str(p) for p in (cache / "sha" / "train.bin", cache / "sha" / "meta.json", cache / "new" / "val.bin",
+                               launch_data / "val.bin", root / "results" / "trials.parquet")]
+    (launch["work"] / "train.py").write_text(textwrap.dedent(f"""
+        import json, os
+        def attempt(path, mode):
+            try:
+                if mode == "a":
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, mode) as f:
+                    return f.read() if mode == "r" else "written"
+            except OSError as e:
+                return type(e).__name__
+        print(json.dumps({{"read": [attempt(p, "r") for p in {reads!r}], "wrote": [attempt(p, "a") for p in {writes!r}],
+                          "train": attempt({str(cache / "sha" / "train.bin")!r}, "r")}}))
+        """))
+    seen = answer(subprocess.run(command, cwd=launch["work"], env=env, capture_output=True, text=True, timeout=120))
+    assert seen["read"] == ["FileNotFoundError"] * len(reads)
+    assert "written" not in seen["wrote"], seen["wrote"]
+    assert seen["train"] == "train split"
+    for folder in (launch_data, cache / "sha", cache / "other-sha"):
+        assert sorted(p.name for p in folder.iterdir()) == ["train.bin", "val.bin"]
+        assert (folder / "train.bin").read_text() == "train split"
 
 
 def test_linked_folders_stay_hidden_at_both_ends(launch):
