@@ -4,7 +4,9 @@ Tune asks `suggest()` several times a second. Each time (at most every
 SCAN_EVERY seconds) it lets intake claim new files from candidates/, then takes
 the next queue entry and returns its trial config, which carries the
 candidate's source so that any node can run it (or, when its archived copy no
-longer matches its sha256 name, why it is refused). None means "ask again later";
+longer matches its sha256 name, why it is refused), and for a candidate's first
+run the baseline's control curves its early stopping is judged against
+(scheduler/earlystop.py). None means "ask again later";
 FINISHED ends the experiment once the running trials are done: on a drain
 request (`stop`, first Ctrl-C), or with --exit-when-idle when nothing is queued,
 running or waiting in candidates/.
@@ -20,9 +22,10 @@ import time
 from ray.tune import Stopper
 from ray.tune.search import Searcher
 
-from scheduler import control, intake, queue
+from scheduler import control, intake, queue, results
 from scheduler.console import say
 from scheduler.custody import SourceRefused, read_archived, source_path
+from scheduler.earlystop import references
 from scheduler.layout import Layout
 
 SCAN_EVERY = 0.5  # seconds between looks at candidates/
@@ -32,7 +35,7 @@ class QueueSearcher(Searcher):
     def __init__(self, root: str, data_dir: str, settings: dict, exit_when_idle: bool) -> None:
         super().__init__()
         self.root, self.data_dir = root, data_dir
-        self.settings = settings          # budget, device, omp_threads, startup_allowance, eval_timeout
+        self.settings = settings          # budget, device, omp_threads, startup_allowance, eval_timeout, early_stop
         self.exit_when_idle = exit_when_idle
         self._last_scan = 0.0
 
@@ -70,6 +73,11 @@ class QueueSearcher(Searcher):
         but report a row with status `refused` and that reason."""
         config = {**vars(entry), **self.settings, "baseline": baseline, "data_dir": str(layout.data),
                   "runs_dir": str(layout.runs)}
+        if entry.kind == "candidate" and self.settings.get("early_stop", "off") != "off":
+            # per GPU type: the trial learns its GPU's name only on its node. Only control rows of this
+            # baseline: no candidate's curve is ever what others are judged against
+            config["reference_curves"] = references(results.read_rows(layout.results), baseline,
+                                                    self.settings["budget"])
         try:
             config["source"] = read_archived(source_path(layout, entry.kind, entry.source_sha256)).decode("utf-8")
         except SourceRefused as refused:
