@@ -9,22 +9,24 @@ at equal counted training seconds, is stopped before its budget is spent (issue 
 
 A curve is the mean training loss in each of CURVE_WINDOWS equal windows of the budget's counted seconds (the
 progress lines' `training_seconds`, the harness's clock), None where no progress line fell. The reference is the
-mean and spread of the baseline's control runs' curves, window by window. A candidate is stopped at the end of a
+mean and spread of the curves of the baseline's runs (its control runs, and the runs that made it the baseline),
+window by window. A candidate is stopped at the end of a
 window from MIN_FRACTION of the budget on, once it has been above the line for CONFIRM_WINDOWS windows in a row:
 
     line(f) = reference mean * (1 + margin(f)) + SPREAD_SIGMAS * reference spread,
     margin(f) = MARGIN_LATE + (MARGIN_EARLY - MARGIN_LATE) * (1 - f) / (1 - MIN_FRACTION)
 
 f being the window's end as a fraction of the budget: the margin is widest early, where learning-rate schedules
-and warm-down make curves cross, and narrowest at the end. With no reference (no control run of this baseline on
-this GPU type has a curve yet) nothing is stopped. docs/design.md, "Early stopping", says why these numbers.
+and warm-down make curves cross, and narrowest at the end. With no reference (fewer than MIN_CURVES control runs
+of this baseline on this GPU type have a curve) nothing is stopped. docs/design.md, "Early stopping", says why these numbers.
 
 Which trials the rule judges, and where curves come from (the trust model): only first runs of candidates are
 judged (never control runs, never confirmation reruns of a candidate that already scored well). The loss in a
 progress line is what the candidate's process printed: a forged curve can keep its own trial from being stopped,
-or get it stopped, nothing more. References are built only from rows of kind `control` of the current baseline
-(the kind comes from the queue, not from the candidate), and a control curve whose end claims a loss well below
-its trusted validation score (ANCHOR_TOLERANCE) is left out.
+or get it stopped, nothing more. References are built only from runs of the current baseline's own source (its
+control runs, and the runs that made it the baseline; matched by the full sha256 the queue entry carries, not by
+anything the candidate says), and a curve whose end claims a loss well below its trusted validation score
+(ANCHOR_TOLERANCE) is left out.
 
 `launch --early-stop off|shadow|on` (default shadow): `shadow` judges every first run and records in its row when
 the rule would have stopped it (`early_stop_at`, counted seconds), and stops nothing; `on` stops it (status
@@ -43,6 +45,8 @@ MARGIN_EARLY = 0.12      # relative excess over the reference's mean tolerated a
 MARGIN_LATE = 0.04       # ... narrowing linearly to this at the end of the budget
 SPREAD_SIGMAS = 3.0      # and on top, this many times the control runs' spread in that window
 CONFIRM_WINDOWS = 2      # windows in a row above the line before a stop: one noisy window stops nothing
+MIN_CURVES = 3           # control curves a reference needs: with one, its spread is unknown, and one fast control
+                         # run stopped the best CPU candidate (it crossed back below by the end)
 ANCHOR_TOLERANCE = 0.10  # a control curve whose last window, in bits, is below its val bpc by more than this
                          # fraction claims a training loss its model does not have: it is not a reference
 BUDGET_MATCH = 0.10      # control runs count for a reference only when they trained this close to the same budget
@@ -94,7 +98,7 @@ class Reference:
     @classmethod
     def of(cls, curves: Iterable[list[float | None]]) -> Reference | None:
         curves = [c for c in curves if c and len(c) == CURVE_WINDOWS]
-        if not curves:
+        if len(curves) < MIN_CURVES:
             return None
         mean, spread = [], []
         for i in range(CURVE_WINDOWS):
@@ -137,11 +141,13 @@ def stop_reason(curve: list[float | None], reference: Reference, index: int, bud
             f"of {budget / CURVE_WINDOWS:.0f} s in a row")
 
 
-def usable_control(row: dict, baseline: str, budget: float) -> bool:
-    """Whether a result row's curve may be a reference for trials of `baseline` at `budget`: a scored control
-    run of that baseline, at about that budget, whose curve does not end below what its trusted score allows."""
+def usable_control(row: dict, baseline_sha: str, budget: float) -> bool:
+    """Whether a result row's curve may be a reference for candidates of the baseline whose source has sha256
+    `baseline_sha`, at `budget`: a scored run of that very source (a control run, or a run that made it the
+    baseline when it was a candidate), at about that budget, whose curve does not end below what its trusted
+    score allows."""
     curve = row.get("curve")
-    if (row.get("kind") != "control" or row.get("candidate_id") != baseline or row.get("status") != "ok"
+    if (row.get("source_sha256") != baseline_sha or row.get("status") != "ok"
             or not curve or len(curve) != CURVE_WINDOWS or row.get("val_bpc") is None
             or not row.get("training_seconds") or abs(row["training_seconds"] / budget - 1) > BUDGET_MATCH):
         return False
@@ -149,12 +155,12 @@ def usable_control(row: dict, baseline: str, budget: float) -> bool:
     return last is not None and last / math.log(2) >= row["val_bpc"] * (1 - ANCHOR_TOLERANCE)
 
 
-def references(rows: Iterable[dict], baseline: str, budget: float) -> dict[str, list[list[float | None]]]:
-    """The control curves of `baseline` at `budget` per GPU type (`gpu_name`), from result rows
-    (results.read_rows): what a trial of a candidate is judged against on its GPU type."""
+def references(rows: Iterable[dict], baseline_sha: str, budget: float) -> dict[str, list[list[float | None]]]:
+    """The curves of the baseline's runs (source sha256 `baseline_sha`) at `budget` per GPU type (`gpu_name`),
+    from result rows (results.read_rows): what a candidate's first run is judged against on its GPU type."""
     found: dict[str, list[list[float | None]]] = {}
     for row in rows:
-        if usable_control(row, baseline, budget):
+        if usable_control(row, baseline_sha, budget):
             found.setdefault(row.get("gpu_name") or "unknown", []).append(list(row["curve"]))
     return found
 

@@ -48,7 +48,7 @@ class QueueSearcher(Searcher):
             return Searcher.FINISHED
         if time.monotonic() - self._last_scan >= SCAN_EVERY and intake.waiting(layout):
             self._last_scan = time.monotonic()
-            intake.scan(layout, self._baseline())
+            intake.scan(layout, self._baseline()["baseline"])
         entry = queue.take(layout)
         if entry is None:
             if self.exit_when_idle and not queue.running(layout) and not intake.waiting(layout):
@@ -56,7 +56,8 @@ class QueueSearcher(Searcher):
             return None  # idle polls (several a second) cost a folder listing, no call to the actor
         return self._config(layout, entry, self._baseline())
 
-    def _baseline(self) -> str:
+    def _baseline(self) -> dict:
+        """The selection's baseline: its id (`baseline`) and the sha256 of its source (`sha`)."""
         import ray
 
         from scheduler.selection import ACTOR_NAME
@@ -64,19 +65,19 @@ class QueueSearcher(Searcher):
         info = ray.get(ray.get_actor(ACTOR_NAME).sync_baseline.remote())
         for note in info["notes"]:
             say(note)
-        return info["baseline"]
+        return info
 
-    def _config(self, layout: Layout, entry: queue.Entry, baseline: str) -> dict:
+    def _config(self, layout: Layout, entry: queue.Entry, baseline: dict) -> dict:
         """The trial's config: the queue entry, the settings, and the source it runs, read from the archive and
         checked against its sha256 name. A source that fails the check is not handed over: the config carries
         `refused` (the reason, which names the file) instead of `source`, and the trial must not run anything
         but report a row with status `refused` and that reason."""
-        config = {**vars(entry), **self.settings, "baseline": baseline, "data_dir": str(layout.data),
+        config = {**vars(entry), **self.settings, "baseline": baseline["baseline"], "data_dir": str(layout.data),
                   "runs_dir": str(layout.runs)}
         if entry.kind == "candidate" and self.settings.get("early_stop", "off") != "off":
-            # per GPU type: the trial learns its GPU's name only on its node. Only control rows of this
-            # baseline: no candidate's curve is ever what others are judged against
-            config["reference_curves"] = references(results.read_rows(layout.results), baseline,
+            # per GPU type: the trial learns its GPU's name only on its node. Only runs of the baseline's own source
+            # (by its full sha256): no other candidate's curve is ever what a candidate is judged against
+            config["reference_curves"] = references(results.read_rows(layout.results), baseline["sha"],
                                                     self.settings["budget"])
         try:
             config["source"] = read_archived(source_path(layout, entry.kind, entry.source_sha256)).decode("utf-8")

@@ -416,7 +416,7 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
     row = {key: config[key] for key in CONFIG_COLUMNS}
     row.update(gpu_id=os.environ.get("CUDA_VISIBLE_DEVICES", ""), node=socket.gethostname(),
                gpu_name=gpu_name(config["device"]), started_at=started)
-    # Only a candidate's first run is judged, against its GPU type's control curves of the baseline (the searcher
+    # Only a candidate's first run is judged, against the curves of the baseline's runs on its GPU type (the searcher
     # put them in the config); control runs and confirmation reruns are never stopped
     early = EarlyStop(config.get("early_stop", "off") if config["kind"] == "candidate" else "off",
                       config.get("reference_curves", {}).get(row["gpu_name"]), config["budget"])

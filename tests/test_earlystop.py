@@ -7,11 +7,11 @@ import math
 
 import pytest
 
-from scheduler.earlystop import (CONFIRM_WINDOWS, CURVE_WINDOWS, MARGIN_EARLY, MARGIN_LATE, MIN_FRACTION, Curve,
-                                 EarlyStop, Reference, references, stop_window, usable_control, window_end)
+from scheduler.earlystop import (CONFIRM_WINDOWS, CURVE_WINDOWS, MARGIN_EARLY, MARGIN_LATE, MIN_CURVES, MIN_FRACTION,
+                                 Curve, EarlyStop, Reference, references, stop_window, usable_control, window_end)
 
 BUDGET = 300.0
-BASELINE = "b-0123456789ab"
+BASELINE_SHA = "0123456789ab" * 5 + "0123"
 
 
 def falling(start: float = 3.0, end: float = 1.0) -> list[float]:
@@ -19,9 +19,14 @@ def falling(start: float = 3.0, end: float = 1.0) -> list[float]:
     return [start + (end - start) * math.sqrt((i + 1) / CURVE_WINDOWS) for i in range(CURVE_WINDOWS)]
 
 
+def controls(*curves: list[float]) -> Reference:
+    """The reference of these control curves, repeated up to the MIN_CURVES a reference needs (no spread added)."""
+    return Reference.of([*curves] * MIN_CURVES)
+
+
 def control_row(curve: list[float | None], **fields) -> dict:
     last = curve[-1]
-    return {"kind": "control", "candidate_id": BASELINE, "status": "ok", "curve": curve, "gpu_name": "NVIDIA H200",
+    return {"kind": "control", "source_sha256": BASELINE_SHA, "status": "ok", "curve": curve, "gpu_name": "NVIDIA H200",
             "val_bpc": last / math.log(2), "training_seconds": BUDGET + 0.4, **fields}
 
 
@@ -47,7 +52,7 @@ def test_a_window_still_filling_is_not_judged():
 
 
 def test_the_margin_is_widest_early_and_nothing_is_judged_before_the_set_fraction():
-    reference = Reference.of([falling()])
+    reference = controls(falling())
     first = next(i for i in range(CURVE_WINDOWS) if reference.line(i) is not None)
     assert window_end(first, 1.0) == pytest.approx(MIN_FRACTION)
     assert all(reference.line(i) is None for i in range(first))
@@ -57,39 +62,39 @@ def test_the_margin_is_widest_early_and_nothing_is_judged_before_the_set_fractio
 
 def test_a_hopeless_curve_is_stopped_at_the_first_windows_it_may_be():
     hopeless = [5.5] * CURVE_WINDOWS  # never learns
-    index = stop_window(hopeless, Reference.of([falling(), falling(3.1, 1.05)]))
+    index = stop_window(hopeless, controls(falling(), falling(3.1, 1.05)))
     first = round(MIN_FRACTION * CURVE_WINDOWS) - 1
     assert index == first + CONFIRM_WINDOWS - 1
 
 
 def test_nothing_is_stopped_without_a_reference_or_within_the_margin():
     assert stop_window([5.5] * CURVE_WINDOWS, None) is None
-    assert Reference.of([]) is None
+    assert Reference.of([falling()] * (MIN_CURVES - 1)) is None  # its spread unknown: no reference yet
     slightly_worse = [v * (1 + MARGIN_LATE * 0.9) for v in falling()]
-    assert stop_window(slightly_worse, Reference.of([falling()])) is None
+    assert stop_window(slightly_worse, controls(falling())) is None
 
 
 def test_one_noisy_window_stops_nothing():
     curve = falling()
     curve[10] *= 1.5
-    assert stop_window(curve, Reference.of([falling()])) is None
+    assert stop_window(curve, controls(falling())) is None
 
 
 def test_missing_windows_neither_count_for_nor_against():
     curve: list[float | None] = [5.5 if i % 2 else None for i in range(CURVE_WINDOWS)]
-    assert stop_window(curve, Reference.of([falling()])) is not None
+    assert stop_window(curve, controls(falling())) is not None
 
 
 def test_an_early_crossing_within_the_lenient_margin_is_not_stopped():
     """A slow start (longer warmup, higher learning rate) runs above the baseline early and catches up."""
     base = falling()
     slow_start = [v * (1 + MARGIN_EARLY * 0.8 * (1 - i / CURVE_WINDOWS)) for i, v in enumerate(base)]
-    assert stop_window(slow_start, Reference.of([base])) is None
+    assert stop_window(slow_start, controls(base)) is None
 
 
 def test_the_control_runs_spread_widens_the_line():
-    wide = Reference.of([falling(3.0, 1.0), falling(3.0, 1.2)])
-    narrow = Reference.of([falling(3.0, 1.1)])
+    wide = controls(falling(3.0, 1.0), falling(3.0, 1.2))
+    narrow = controls(falling(3.0, 1.1))
     assert wide.line(CURVE_WINDOWS - 1) > narrow.line(CURVE_WINDOWS - 1)
 
 
@@ -98,38 +103,39 @@ def test_shadow_records_when_it_would_stop_and_stops_nothing():
     for seconds in range(5, 300, 5):
         curve.add(seconds, 5.5)
     curve.add(300.2, 5.5)
-    shadow = EarlyStop("shadow", [falling()], BUDGET)
+    shadow = EarlyStop("shadow", [falling()] * MIN_CURVES, BUDGET)
     assert shadow.overdue(curve) is None
-    assert shadow.stopped_at == window_end(stop_window(curve.values(), Reference.of([falling()])), BUDGET)
-    on = EarlyStop("on", [falling()], BUDGET)
+    assert shadow.stopped_at == window_end(stop_window(curve.values(), controls(falling())), BUDGET)
+    on = EarlyStop("on", [falling()] * MIN_CURVES, BUDGET)
     assert "stopped early at" in on.overdue(curve) and "baseline's" in on.reason
-    off = EarlyStop("off", [falling()], BUDGET)
+    off = EarlyStop("off", [falling()] * MIN_CURVES, BUDGET)
     off.settle(curve)
     assert off.overdue(curve) is None and off.stopped_at is None
     with pytest.raises(ValueError, match="use one of off, shadow, on"):
         EarlyStop("maybe", None, BUDGET)
 
 
-def test_references_come_only_from_the_current_baselines_scored_control_runs():
+def test_references_come_only_from_scored_runs_of_the_current_baselines_source():
     good = control_row(falling())
+    promoted = {**good, "kind": "confirm", "curve": falling(3.0, 1.01)}  # a run that made it the baseline
     rows = [
         good,
-        {**good, "kind": "candidate"},                        # a candidate's curve is never a reference
-        {**good, "kind": "confirm"},
-        {**good, "candidate_id": "b-older"},                  # a control run of another baseline
+        promoted,
+        {**good, "source_sha256": "f" * 64, "kind": "candidate"},  # another candidate's curve is never a reference
+        {**good, "source_sha256": BASELINE_SHA[:12] + "f" * 52},   # nor one that shares the id's 12 characters
         {**good, "status": "crash"},
         {**good, "training_seconds": 45.0},                   # another budget
         {**good, "curve": None},
         {**good, "gpu_name": "NVIDIA A100", "curve": falling(4.0, 2.0), "val_bpc": 2.0 / math.log(2)},
     ]
-    found = references(rows, BASELINE, BUDGET)
-    assert found == {"NVIDIA H200": [good["curve"]], "NVIDIA A100": [falling(4.0, 2.0)]}
+    found = references(rows, BASELINE_SHA, BUDGET)
+    assert found == {"NVIDIA H200": [good["curve"], promoted["curve"]], "NVIDIA A100": [falling(4.0, 2.0)]}
 
 
 def test_a_control_curve_that_ends_below_its_trusted_score_is_no_reference():
     """A baseline's code prints its own loss: one that claims far lower training loss than the evaluation finds
     for its weights would make every candidate look worse; it is left out."""
     honest = control_row(falling())
-    assert usable_control(honest, BASELINE, BUDGET)
+    assert usable_control(honest, BASELINE_SHA, BUDGET)
     forged = {**honest, "curve": [v * 0.5 for v in falling()]}
-    assert not usable_control(forged, BASELINE, BUDGET)
+    assert not usable_control(forged, BASELINE_SHA, BUDGET)
