@@ -240,7 +240,9 @@ def cmd_show(args, layout: Layout) -> int:
     if verdict is not None:
         print(f"{args.id}: {describe(verdict)}")
     for row in rows:
-        print(json.dumps(row, indent=2))
+        curve = row.get("curve")  # one line, not one per number (--json keeps the list)
+        shown = {**row, "curve": " ".join("-" if v is None else f"{v:.4f}" for v in curve)} if curve else row
+        print(json.dumps(shown, indent=2))
     for q in queued:
         print(f"queued or running: {q['trial_id']} ({q['kind']})")
     for trial_id, lines in logs.items():
