@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scheduler.earlystop import BUDGET_MATCH, Curve, Reference, stop_window, window_end  # noqa: E402
+from scheduler.earlystop import Curve, Reference, at_budget, stop_window, window_end  # noqa: E402
 from scheduler.protocol import PROGRESS_TAG  # noqa: E402
 
 WRONG_SIGMAS = 3.0     # a candidate more than this many σ worse than the baseline is one the rule should stop
@@ -96,13 +96,13 @@ def runs_from_rows(rows: list[dict], budget: float | None) -> list[Run]:
     return [Run(r["trial_id"], list(r["curve"]), r["val_bpc"], baseline_id(r["source_sha256"]),
                 r["baseline"] if r["kind"] == "candidate" else None, budget)
             for r in rows if r.get("curve") and r["status"] == "ok" and r.get("val_bpc") is not None
-            and abs(r["training_seconds"] / budget - 1) <= BUDGET_MATCH]
+            and at_budget(r["training_seconds"], budget)]
 
 
 def launch_budget(rows: list[dict]) -> float:
-    """The budget the rows' launch ran at: their most common counted seconds, rounded (the last step overshoots
-    the budget a little; a slow step on a loaded CPU, by a second or two)."""
-    seconds = [round(r["training_seconds"]) for r in rows if r.get("training_seconds")]
+    """The budget the rows' launch ran at: their most common counted seconds, rounded down (the last step
+    overshoots the budget a little; a slow step on a loaded CPU, by a second or more)."""
+    seconds = [math.floor(r["training_seconds"]) for r in rows if r.get("training_seconds")]
     return float(statistics.mode(seconds)) if seconds else math.nan
 
 

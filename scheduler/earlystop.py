@@ -45,11 +45,13 @@ MARGIN_EARLY = 0.12      # relative excess over the reference's mean tolerated a
 MARGIN_LATE = 0.04       # ... narrowing linearly to this at the end of the budget
 SPREAD_SIGMAS = 3.0      # and on top, this many times the control runs' spread in that window
 CONFIRM_WINDOWS = 2      # windows in a row above the line before a stop: one noisy window stops nothing
-MIN_CURVES = 3           # control curves a reference needs: with one, its spread is unknown, and one fast control
+MIN_CURVES = 3           # baseline curves a reference needs: with one, its spread is unknown, and one fast control
                          # run stopped the best CPU candidate (it crossed back below by the end)
 ANCHOR_TOLERANCE = 0.10  # a control curve whose last window, in bits, is below its val bpc by more than this
                          # fraction claims a training loss its model does not have: it is not a reference
-BUDGET_MATCH = 0.10      # control runs count for a reference only when they trained this close to the same budget
+BUDGET_MATCH = 0.10      # a reference's runs trained the budget, and at most this fraction ...
+OVERSHOOT_S = 5.0        # ... and these seconds more (the last step: 1.5 s on a loaded CPU); budgets in use (300,
+                         # 90, 60, 45 s) are further apart
 EARLY_STOP_MODES = ("off", "shadow", "on")
 DEFAULT_MODE = "shadow"  # judge and record, stop nothing, until the recorded curves show the rule makes no wrong stop
 STOPPED_EARLY = "stopped_early"  # the status of a trial the rule stopped (launch --early-stop on)
@@ -149,10 +151,17 @@ def usable_control(row: dict, baseline_sha: str, budget: float) -> bool:
     curve = row.get("curve")
     if (row.get("source_sha256") != baseline_sha or row.get("status") != "ok"
             or not curve or len(curve) != CURVE_WINDOWS or row.get("val_bpc") is None
-            or not row.get("training_seconds") or abs(row["training_seconds"] / budget - 1) > BUDGET_MATCH):
+            or not at_budget(row.get("training_seconds"), budget)):
         return False
     last = next((v for v in reversed(curve) if v is not None), None)
     return last is not None and last / math.log(2) >= row["val_bpc"] * (1 - ANCHOR_TOLERANCE)
+
+
+def at_budget(training_seconds: float | None, budget: float) -> bool:
+    """Whether a run that trained `training_seconds` ran at `budget` (the harness stops at the first step past it)."""
+    if training_seconds is None:
+        return False
+    return budget - 0.01 <= training_seconds <= budget * (1 + BUDGET_MATCH) + OVERSHOOT_S  # rows round to 1 ms
 
 
 def references(rows: Iterable[dict], baseline_sha: str, budget: float) -> dict[str, list[list[float | None]]]:

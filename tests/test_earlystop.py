@@ -125,6 +125,7 @@ def test_references_come_only_from_scored_runs_of_the_current_baselines_source()
         {**good, "source_sha256": BASELINE_SHA[:12] + "f" * 52},   # nor one that shares the id's 12 characters
         {**good, "status": "crash"},
         {**good, "training_seconds": 45.0},                   # another budget
+        {**good, "training_seconds": 400.0},
         {**good, "curve": None},
         {**good, "gpu_name": "NVIDIA A100", "curve": falling(4.0, 2.0), "val_bpc": 2.0 / math.log(2)},
     ]
@@ -139,3 +140,32 @@ def test_a_control_curve_that_ends_below_its_trusted_score_is_no_reference():
     assert usable_control(honest, BASELINE_SHA, BUDGET)
     forged = {**honest, "curve": [v * 0.5 for v in falling()]}
     assert not usable_control(forged, BASELINE_SHA, BUDGET)
+
+
+@pytest.mark.slow
+def test_a_shadow_trial_records_when_it_would_stop_and_is_scored(tmp_path, data_dir, tiny_train_source, monkeypatch):
+    """run_trial itself, without Ray (its reports collected): a candidate whose loss runs far above the reference
+    is scored as usual in shadow mode, and its row says when the rule would have stopped it."""
+    import json
+
+    from ray import tune
+
+    from scheduler.trial import run_trial
+
+    reports: list[dict] = []
+    monkeypatch.setattr(tune, "report", reports.append)
+    budget = 2.0
+    config = {
+        "trial_id": "hopeless-r1", "candidate_id": "hopeless", "kind": "candidate", "agent": "a", "parent": "b",
+        "baseline": "b", "description": "loss reported 10 times over", "source_sha256": "0" * 64, "seed": 0,
+        "sandbox": "none", "root": str(tmp_path), "data_dir": str(data_dir), "runs_dir": str(tmp_path / "runs"),
+        "data_sha256": json.loads((data_dir / "meta.json").read_text())["sha256"], "budget": budget,
+        "device": "cpu", "omp_threads": 1, "startup_allowance": 60.0, "eval_timeout": 120.0,
+        "source": tiny_train_source.replace("run.step(step(batch),", "run.step(10 * step(batch),"),
+        "early_stop": "shadow", "reference_curves": {"cpu": [falling(5.5, 3.0)] * MIN_CURVES},
+    }
+    run_trial(config)
+    row = json.loads(reports[-1]["result_row"])
+    assert row["status"] == "ok" and row["val_bpc"] is not None, row["reason"]
+    assert MIN_FRACTION * budget <= row["early_stop_at"] <= budget
+    assert len(row["curve"]) == CURVE_WINDOWS and row["curve"][-1] > 20  # what it reported, 10 times its loss
