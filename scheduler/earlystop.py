@@ -135,12 +135,17 @@ def stop_window(curve: list[float | None], reference: Reference | None) -> int |
     return None
 
 
+def seconds(value: float) -> str:
+    """Seconds as a reason gives them: whole ones, or two digits for a CPU test's seconds budget."""
+    return f"{value:.0f} s" if value >= 10 else f"{value:.2g} s"
+
+
 def stop_reason(curve: list[float | None], reference: Reference, index: int, budget: float) -> str:
     """One line on why the rule stops a curve at window `index`, with the figures."""
-    return (f"stopped early at {window_end(index, budget):.0f} s of {budget:.0f} s: training loss "
+    return (f"stopped early at {seconds(window_end(index, budget))} of {seconds(budget)}: training loss "
             f"{curve[index]:.4f} against the baseline's {reference.mean[index]:.4f} (stopped above "
-            f"{reference.line(index):.4f}, {reference.curves} control run(s)), for {CONFIRM_WINDOWS} windows "
-            f"of {budget / CURVE_WINDOWS:.0f} s in a row")
+            f"{reference.line(index):.4f}, {reference.curves} runs of the baseline), for {CONFIRM_WINDOWS} windows "
+            f"of {seconds(budget / CURVE_WINDOWS)} in a row")
 
 
 def usable_control(row: dict, baseline_sha: str, budget: float) -> bool:

@@ -54,7 +54,8 @@ class QueueSearcher(Searcher):
             if self.exit_when_idle and not queue.running(layout) and not intake.waiting(layout):
                 return Searcher.FINISHED
             return None  # idle polls (several a second) cost a folder listing, no call to the actor
-        return self._config(layout, entry, self._baseline())
+        baseline = self._baseline()
+        return self._config(layout, entry, baseline["baseline"], baseline["sha"])
 
     def _baseline(self) -> dict:
         """The selection's baseline: its id (`baseline`) and the sha256 of its source (`sha`)."""
@@ -67,17 +68,18 @@ class QueueSearcher(Searcher):
             say(note)
         return info
 
-    def _config(self, layout: Layout, entry: queue.Entry, baseline: dict) -> dict:
+    def _config(self, layout: Layout, entry: queue.Entry, baseline: str, baseline_sha: str | None = None) -> dict:
         """The trial's config: the queue entry, the settings, and the source it runs, read from the archive and
         checked against its sha256 name. A source that fails the check is not handed over: the config carries
         `refused` (the reason, which names the file) instead of `source`, and the trial must not run anything
-        but report a row with status `refused` and that reason."""
-        config = {**vars(entry), **self.settings, "baseline": baseline["baseline"], "data_dir": str(layout.data),
+        but report a row with status `refused` and that reason. For a candidate's first run, when early stopping
+        is on (shadow or on) and `baseline_sha` is known, the curves it is judged against (`reference_curves`)."""
+        config = {**vars(entry), **self.settings, "baseline": baseline, "data_dir": str(layout.data),
                   "runs_dir": str(layout.runs)}
-        if entry.kind == "candidate" and self.settings.get("early_stop", "off") != "off":
+        if entry.kind == "candidate" and self.settings.get("early_stop", "off") != "off" and baseline_sha:
             # per GPU type: the trial learns its GPU's name only on its node. Only runs of the baseline's own source
             # (by its full sha256): no other candidate's curve is ever what a candidate is judged against
-            config["reference_curves"] = references(results.read_rows(layout.results), baseline["sha"],
+            config["reference_curves"] = references(results.read_rows(layout.results), baseline_sha,
                                                     self.settings["budget"])
         try:
             config["source"] = read_archived(source_path(layout, entry.kind, entry.source_sha256)).decode("utf-8")

@@ -142,6 +142,31 @@ def test_a_control_curve_that_ends_below_its_trusted_score_is_no_reference():
     assert not usable_control(forged, BASELINE_SHA, BUDGET)
 
 
+@pytest.mark.parametrize("mode", ["shadow", "on", "off"])
+def test_the_searcher_gives_a_candidates_first_run_the_curves_of_the_baselines_runs(tmp_path, mode):
+    """The trial config of a candidate's first run carries the baseline's runs' curves per GPU type (read from the
+    rows when it is handed to Tune); a rerun's and a control run's, and any with early stopping off, carry none."""
+    from scheduler import queue, results
+    from scheduler.layout import Layout
+    from scheduler.search import QueueSearcher
+
+    layout = Layout.at(tmp_path)
+    layout.make()
+    curves = [falling(3.0, 1.0 + i / 100) for i in range(MIN_CURVES)]
+    for i, curve in enumerate(curves):
+        results.write_row(layout.results, {**control_row(curve), "trial_id": f"b-c{i}", "candidate_id": "b"})
+    other = {**control_row(falling(9.0, 8.0)), "trial_id": "x-r1", "candidate_id": "x", "kind": "candidate",
+             "source_sha256": "f" * 64}
+    results.write_row(layout.results, other)
+    searcher = QueueSearcher(str(tmp_path), str(layout.data), {"budget": BUDGET, "early_stop": mode}, False)
+    judged = {}
+    for kind in ("candidate", "confirm", "control"):
+        entry = queue.Entry(trial_id=f"e-{kind}", candidate_id="e", kind=kind, source_sha256="e" * 64)
+        judged[kind] = searcher._config(layout, entry, "b", BASELINE_SHA).get("reference_curves")
+    expected = {"NVIDIA H200": curves} if mode != "off" else None
+    assert judged == {"candidate": expected, "confirm": None, "control": None}
+
+
 @pytest.mark.slow
 def test_a_shadow_trial_records_when_it_would_stop_and_is_scored(tmp_path, data_dir, tiny_train_source, monkeypatch):
     """run_trial itself, without Ray (its reports collected): a candidate whose loss runs far above the reference
