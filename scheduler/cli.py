@@ -102,7 +102,7 @@ def cmd_launch(args, layout: Layout) -> int:
                          address=args.address, exit_when_idle=args.exit_when_idle, pretend_gpus=args.pretend_gpus,
                          device=args.device, dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host,
                          startup_allowance=args.startup_allowance, sandbox=args.sandbox, rule=rule,
-                         git_commit=args.git_commit)
+                         git_commit=args.git_commit, early_stop=args.early_stop)
     try:
         return launch(opts)
     except (LaunchError, PrepareError) as error:
@@ -240,7 +240,9 @@ def cmd_show(args, layout: Layout) -> int:
     if verdict is not None:
         print(f"{args.id}: {describe(verdict)}")
     for row in rows:
-        print(json.dumps(row, indent=2))
+        curve = row.get("curve")  # one line, not one per number (--json keeps the list)
+        shown = {**row, "curve": " ".join("-" if v is None else f"{v:.4f}" for v in curve)} if curve else row
+        print(json.dumps(shown, indent=2))
     for q in queued:
         print(f"queued or running: {q['trial_id']} ({q['kind']})")
     for trial_id, lines in logs.items():
@@ -319,6 +321,7 @@ def cmd_report(args, layout: Layout) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from scheduler.earlystop import EARLY_STOP_MODES
     from scheduler.launch import LaunchOptions  # the launch's and the rule's defaults are the options' defaults
     from scheduler.promotion import POLICIES, RuleConfig
 
@@ -353,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sandbox", default=LaunchOptions.sandbox, choices=("auto", "bwrap", "none"),
                    help="auto (default): bubblewrap, and refuse to start where no sandbox can be made; "
                         "none: run candidates unsandboxed, at your own risk")
+    p.add_argument("--early-stop", default=LaunchOptions.early_stop, choices=EARLY_STOP_MODES,
+                   help="stop a candidate's first run whose loss curve runs far above the baseline's control runs' "
+                        "(on), only record in its row when it would have been stopped (shadow), or neither (off)")
     p.add_argument("--promotion", default=RuleConfig.policy, choices=POLICIES,
                    help="noise-aware: confirm with reruns; greedy: promote any first score below the "
                         "baseline's best score (the original one-run rule)")

@@ -52,12 +52,14 @@ import torch
 
 from scheduler import handover
 from scheduler.claims import peak_tflops
+from scheduler.earlystop import CURVE_WINDOWS
 from scheduler.protocol import (DEFAULT_BUDGET, EVAL_BATCH, EXIT_EXPORT, EXIT_NAN, EXPORT_TAG, PROGRAM_FILE,
                                 PROGRESS_TAG, RESULT_FILE, STATS_FILE, WINDOW, evaluation_command, send_go)
 
 WARMUP_STEPS = 3          # first steps compile and autotune: they are not counted as training time
-SYNC_EVERY = 1.0          # seconds between waits for the device (clock, loss check)
-PROGRESS_EVERY = 5.0      # seconds between progress lines
+SYNC_EVERY = 1.0          # seconds between waits for the device (clock, loss check) ...
+PROGRESS_EVERY = 5.0      # ... and between progress lines, at most:
+LINES_PER_WINDOW = 2      # a short budget gets more, so that each window of its loss curve holds a few lines
 # What a finished standalone run becomes: a process that waits for the evaluation and exits with its code
 WAIT_FOR_CHILD = "import os, sys; _, s = os.waitpid(int(sys.argv[1]), 0); sys.exit(os.waitstatus_to_exitcode(s))"
 
@@ -105,6 +107,9 @@ class Clock:
         self._last_mark: float | None = None
         self._last_print = 0.0
         self._loss: torch.Tensor | float = 0.0
+        # unchanged at the 300 s budget (windows of 15 s); a seconds budget on the CPU gets a curve too
+        self._sync_every = min(SYNC_EVERY, budget / CURVE_WINDOWS / LINES_PER_WINDOW)
+        self._progress_every = min(PROGRESS_EVERY, budget / CURVE_WINDOWS / LINES_PER_WINDOW)
         self.setup_seconds = 0.0     # the end of Run() to the first step: model, export check, FLOPs, optimizer
         self.warmup_seconds = 0.0    # the uncounted first steps: mostly compilation
         self._perf_started = time.perf_counter()
@@ -131,7 +136,7 @@ class Clock:
         if self.steps > WARMUP_STEPS:
             self._pending_tokens += tokens
         self._loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
-        if self.steps <= WARMUP_STEPS or time.perf_counter() - self._last_mark >= SYNC_EVERY:
+        if self.steps <= WARMUP_STEPS or time.perf_counter() - self._last_mark >= self._sync_every:
             self._sync()
 
     def _start_clock(self) -> None:
@@ -165,7 +170,7 @@ class Clock:
             print(f"FAIL: loss is {loss} at step {self.steps}", flush=True)
             sys.exit(EXIT_NAN)
         wall = time.time()
-        if self.steps > WARMUP_STEPS and wall - self._last_print >= PROGRESS_EVERY:
+        if self.steps > WARMUP_STEPS and wall - self._last_print >= self._progress_every:
             self._last_print = wall
             self._print_progress(loss)
 

@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from scheduler import control, prepare, queue, results
 from scheduler.console import say
+from scheduler.earlystop import DEFAULT_MODE
 from scheduler.layout import Layout
 from scheduler.presence import LaunchBusy, Presence, holder_text
 from scheduler.protocol import DEFAULT_BUDGET
@@ -52,6 +53,7 @@ class LaunchOptions:
     startup_allowance: float = 120.0  # seconds from a trial's start to its first progress line (imports, compile)
     sandbox: str = "auto"            # auto | bwrap | none (scheduler/sandbox.py)
     eval_timeout: float = 600.0
+    early_stop: str = DEFAULT_MODE   # off | shadow | on (scheduler/earlystop.py)
     rule: dict = field(default_factory=dict)
     git_commit: bool = False
 
@@ -226,7 +228,7 @@ def _run(opts: LaunchOptions, layout: Layout, local_gpus: list[int] | None, sand
         for note in info["notes"]:
             say(note)
         say(f"{n_gpus} GPU(s){' (pretend, on the CPU)' if opts.pretend_gpus else ''}, budget {opts.budget:.0f} s, "
-            f"sandbox {sandbox}, baseline {info['baseline']}, root {layout.root}")
+            f"sandbox {sandbox}, early stop {opts.early_stop}, baseline {info['baseline']}, root {layout.root}")
         presence.update(gpus=n_gpus, pretend=bool(opts.pretend_gpus), budget=opts.budget)
         if opts.dashboard:
             # the port Ray really took (it moves on when 8265 is in use)
@@ -236,7 +238,7 @@ def _run(opts: LaunchOptions, layout: Layout, local_gpus: list[int] | None, sand
         data_sha256 = json.loads((layout.data / prepare.META_FILE).read_text())["sha256"]
         settings = {"budget": opts.budget, "device": opts.device, "startup_allowance": opts.startup_allowance,
                     "eval_timeout": opts.eval_timeout, "data_sha256": data_sha256, "sandbox": sandbox,
-                    "root": str(layout.root),
+                    "root": str(layout.root), "early_stop": opts.early_stop,
                     "omp_threads": max(1, (os.cpu_count() or 1) // max(1, n_gpus))}
         _signal_handlers(layout)
         tuner = tune.Tuner(

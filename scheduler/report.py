@@ -16,7 +16,8 @@ coloured by kind (first run, confirmation, control) or by how it failed; the
 lane's label gives its busy share.
 
 summary.md: ## Lineage (every promotion and hand edit of train.py), ## Agents (one row per agent),
-## Near misses (the best candidates never promoted), ## GPU busy share.
+## Near misses (the best candidates never promoted), ## Early stopping (what the rule of scheduler/earlystop.py
+stopped, and in shadow mode would have stopped: the GPU time saved and its wrong stops), ## GPU busy share.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from matplotlib.text import Text
 from matplotlib.transforms import Bbox
 
 from scheduler.custody import diff_size
+from scheduler.earlystop import STOPPED_EARLY
 from scheduler.layout import SELECTION_STATE
 from scheduler.results import STATUSES, read_lineage, read_rows, read_trials, test_scores
 from scheduler.selection import saved_rule
@@ -54,6 +56,7 @@ LABEL_CHARS = 40  # promotion labels and table descriptions are cut to this
 LABEL_SPOTS = tuple((dx, dy) for dy in (-24, -46, -68, -90) for dx in (-6, 6)) + ((-6, 26), (6, 26), (-6, 48), (6, 48))
 STAR_PX = 12  # half the size of a star, in pixels, that labels keep clear of
 NEAR_MISSES = 10
+WRONG_STOP_SIGMAS = 3.0  # a would-be stop of a run that ended within this many σ of the baseline, or better, was wrong
 DOT_AREA = 4000  # a first run's dot is this area (pt^2) shared among the scored runs, within [16, 70]
 CLIP_PERCENTILE = 95  # the y-axis ends a margin above this percentile of scores
 CLIP_MARGIN = 0.3  # of the robust range (lowest score .. percentile)
@@ -61,7 +64,7 @@ FAILED = tuple(s for s in STATUSES if s != "ok")
 STATUS_COLOURS = {
     "crash": "tab:red", "oom": "tab:purple", "timeout": "tab:orange", "nan": "tab:brown",
     "eval_failed": "tab:pink", "rejected": "dimgray", "interrupted": "tab:olive", "export_failed": "goldenrod",
-    "refused": "darkred",
+    "refused": "darkred", "stopped_early": "teal",
 }
 # tab10, and tab20 for more than 8 agents, without grey (grey means control run) and olive (a status colour)
 AGENT_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:cyan")
@@ -143,12 +146,12 @@ def _selection_now(results: Path) -> tuple[tuple[str, dict] | None, float]:
     return now, now[1]["sigma"] if now else rule.config.prior_sigma
 
 
-def _baseline_at(steps: pd.DataFrame, times: pd.Series) -> np.ndarray:
-    """The baseline mean in force at each time (nan where there is none)."""
+def _baseline_at(steps: pd.DataFrame, times: pd.Series, column: str = "mean") -> np.ndarray:
+    """The baseline mean (or its `column`: sigma) in force at each time (nan where there is none)."""
     if steps.empty:
         return np.full(len(times), math.nan)
     index = np.searchsorted(_days(steps["at"]), _days(times), side="right") - 1
-    return steps["mean"].to_numpy()[np.clip(index, 0, None)]
+    return steps[column].to_numpy()[np.clip(index, 0, None)]
 
 
 def _name(value: object) -> str:
@@ -422,6 +425,41 @@ def _near_misses(trials: pd.DataFrame, promotions: pd.DataFrame) -> str:
             "(control runs excluded).\n\n" + _table(headers, rows))
 
 
+def early_stopping(trials: pd.DataFrame, steps: pd.DataFrame) -> dict:
+    """What the early-stop rule did and would have done: {"stopped": trials it stopped (launch --early-stop on),
+    "would_stop": scored trials it would have stopped (shadow), "saved_seconds": the GPU time those would-be stops
+    would have saved (training after the stop, and the evaluation), "gpu_seconds": all trials' GPU time,
+    "wrong": the would-be stops of runs that ended within WRONG_STOP_SIGMAS σ of the baseline in force, or better,
+    as a frame}."""
+    stopped = trials[trials["status"] == STOPPED_EARLY]
+    shadow = trials[(trials["status"] == "ok") & trials["early_stop_at"].notna() & trials["val_bpc"].notna()]
+    saved = ((shadow["training_seconds"] - shadow["early_stop_at"]).clip(lower=0) + shadow["eval_seconds"].fillna(0))
+    mean = _baseline_at(steps, shadow["finished_at"])
+    sigma = _baseline_at(steps, shadow["finished_at"], "sigma")
+    worse = (shadow["val_bpc"].to_numpy() - mean) / sigma
+    wrong = shadow.assign(baseline_mean=mean, sigmas=worse)[~(worse > WRONG_STOP_SIGMAS)]
+    return {"stopped": len(stopped), "would_stop": len(shadow), "saved_seconds": float(saved.sum()),
+            "gpu_seconds": float(trials["total_seconds"].sum()), "wrong": wrong}
+
+
+def _early_stopping(trials: pd.DataFrame, steps: pd.DataFrame) -> str:
+    found = early_stopping(trials, steps)
+    if not found["stopped"] and not found["would_stop"]:
+        return "The early-stop rule stopped nothing and, in shadow mode, would have stopped nothing."
+    share = 100 * found["saved_seconds"] / found["gpu_seconds"] if found["gpu_seconds"] else math.nan
+    text = (f"{_plural(found['stopped'], 'trial')} stopped early (`launch --early-stop on`). In shadow mode the "
+            f"rule would have stopped {_plural(found['would_stop'], 'scored trial')}, saving "
+            f"{_num(found['saved_seconds'] / 3600, 2)} GPU-hours ({_num(share, 1)}% of all trials' GPU time), with "
+            f"{_plural(len(found['wrong']), 'wrong stop')}: runs that ended within {WRONG_STOP_SIGMAS:.0f} σ of "
+            f"the baseline in force, or better.")
+    if found["wrong"].empty:
+        return text
+    rows = [[w.trial_id, _name(w.agent), _short(w.description), _num(w.early_stop_at, 0), _num(w.val_bpc),
+             _num(w.baseline_mean), _num(w.sigmas, 1, sign=True)] for w in found["wrong"].itertuples()]
+    return text + "\n\n" + _table(["trial", "agent", "description", "stop at (s)", "val bpc", "baseline",
+                                    "σ worse"], rows)
+
+
 def _ran(trials: pd.DataFrame) -> pd.DataFrame:
     """Trials that ran (start and result known), with node and GPU filled in, oldest first."""
     ran = trials.dropna(subset=["started_at", "finished_at"])
@@ -515,6 +553,7 @@ def _summary(trials: pd.DataFrame, promotions: pd.DataFrame, lineage: pd.DataFra
         "## Lineage", _lineage(lineage, tests),
         "## Agents", _agents(trials, promotions, steps),
         "## Near misses", _near_misses(trials, promotions),
+        "## Early stopping", _early_stopping(trials, steps),
         "## GPU busy share", _gpu_share(trials),
     ]
     return "\n\n".join(sections) + "\n"

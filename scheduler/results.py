@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # imported only where a file is written or a frame is read: `
 INDEX = "index"  # results/index/<trials|promotions>/<name>.json: each row again as JSON, for the fast readers
 
 STATUSES = ("ok", "crash", "oom", "timeout", "nan", "export_failed", "eval_failed", "refused", "rejected",
-            "interrupted")
+            "interrupted", "stopped_early")
 KINDS = ("candidate", "confirm", "control")  # first run, extra seeds of a candidate, rerun of the baseline
 
 TIME = "timestamp"  # microseconds, UTC
@@ -77,6 +77,8 @@ _TRIAL_COLUMNS = [
     ("seed", "int64"),
     ("sandbox", "string"),            # what the candidate ran in: bwrap, or none (launch --sandbox none)
     ("startup_seconds", "float64"),   # trial start to the first progress line, on the trial's own clock
+    ("curve", "list_float64"),        # mean training loss in each 5% of the budget (scheduler/earlystop.py)
+    ("early_stop_at", "float64"),     # counted seconds at which the early-stop rule stopped it, or would have
     ("submitted_at", TIME),
     ("started_at", TIME),
     ("finished_at", TIME),
@@ -100,6 +102,7 @@ def trials_dir(results: Path) -> Path:
 
 
 _ARROW_TYPES = {"string": "string", "bool": "bool_", "float64": "float64", "int64": "int64"}
+LIST_FLOAT64 = "list_float64"  # a list of floats, nulls allowed: a trial's curve
 
 
 @cache
@@ -107,6 +110,8 @@ def _arrow_schema(columns: tuple[tuple[str, str], ...]) -> pa.Schema:
     import pyarrow as pa
 
     def arrow_type(name: str) -> pa.DataType:
+        if name == LIST_FLOAT64:
+            return pa.list_(pa.float64())
         return pa.timestamp("us", tz="UTC") if name == TIME else getattr(pa, _ARROW_TYPES[name])()
 
     return pa.schema([(column, arrow_type(kind)) for column, kind in columns])

@@ -4,7 +4,9 @@ Tune asks `suggest()` several times a second. Each time (at most every
 SCAN_EVERY seconds) it lets intake claim new files from candidates/, then takes
 the next queue entry and returns its trial config, which carries the
 candidate's source so that any node can run it (or, when its archived copy no
-longer matches its sha256 name, why it is refused). None means "ask again later";
+longer matches its sha256 name, why it is refused), and for a candidate's first
+run the baseline's control curves its early stopping is judged against
+(scheduler/earlystop.py). None means "ask again later";
 FINISHED ends the experiment once the running trials are done: on a drain
 request (`stop`, first Ctrl-C), or with --exit-when-idle when nothing is queued,
 running or waiting in candidates/.
@@ -20,9 +22,10 @@ import time
 from ray.tune import Stopper
 from ray.tune.search import Searcher
 
-from scheduler import control, intake, queue
+from scheduler import control, intake, queue, results
 from scheduler.console import say
 from scheduler.custody import SourceRefused, read_archived, source_path
+from scheduler.earlystop import references
 from scheduler.layout import Layout
 
 SCAN_EVERY = 0.5  # seconds between looks at candidates/
@@ -32,7 +35,7 @@ class QueueSearcher(Searcher):
     def __init__(self, root: str, data_dir: str, settings: dict, exit_when_idle: bool) -> None:
         super().__init__()
         self.root, self.data_dir = root, data_dir
-        self.settings = settings          # budget, device, omp_threads, startup_allowance, eval_timeout
+        self.settings = settings          # budget, device, omp_threads, startup_allowance, eval_timeout, early_stop
         self.exit_when_idle = exit_when_idle
         self._last_scan = 0.0
 
@@ -45,15 +48,17 @@ class QueueSearcher(Searcher):
             return Searcher.FINISHED
         if time.monotonic() - self._last_scan >= SCAN_EVERY and intake.waiting(layout):
             self._last_scan = time.monotonic()
-            intake.scan(layout, self._baseline())
+            intake.scan(layout, self._baseline()["baseline"])
         entry = queue.take(layout)
         if entry is None:
             if self.exit_when_idle and not queue.running(layout) and not intake.waiting(layout):
                 return Searcher.FINISHED
             return None  # idle polls (several a second) cost a folder listing, no call to the actor
-        return self._config(layout, entry, self._baseline())
+        baseline = self._baseline()
+        return self._config(layout, entry, baseline["baseline"], baseline["sha"])
 
-    def _baseline(self) -> str:
+    def _baseline(self) -> dict:
+        """The selection's baseline: its id (`baseline`) and the sha256 of its source (`sha`)."""
         import ray
 
         from scheduler.selection import ACTOR_NAME
@@ -61,15 +66,21 @@ class QueueSearcher(Searcher):
         info = ray.get(ray.get_actor(ACTOR_NAME).sync_baseline.remote())
         for note in info["notes"]:
             say(note)
-        return info["baseline"]
+        return info
 
-    def _config(self, layout: Layout, entry: queue.Entry, baseline: str) -> dict:
+    def _config(self, layout: Layout, entry: queue.Entry, baseline: str, baseline_sha: str | None = None) -> dict:
         """The trial's config: the queue entry, the settings, and the source it runs, read from the archive and
         checked against its sha256 name. A source that fails the check is not handed over: the config carries
         `refused` (the reason, which names the file) instead of `source`, and the trial must not run anything
-        but report a row with status `refused` and that reason."""
+        but report a row with status `refused` and that reason. For a candidate's first run, when early stopping
+        is on (shadow or on) and `baseline_sha` is known, the curves it is judged against (`reference_curves`)."""
         config = {**vars(entry), **self.settings, "baseline": baseline, "data_dir": str(layout.data),
                   "runs_dir": str(layout.runs)}
+        if entry.kind == "candidate" and self.settings.get("early_stop", "off") != "off" and baseline_sha:
+            # per GPU type: the trial learns its GPU's name only on its node. Only runs of the baseline's own source
+            # (by its full sha256): no other candidate's curve is ever what a candidate is judged against
+            config["reference_curves"] = references(results.read_rows(layout.results), baseline_sha,
+                                                    self.settings["budget"])
         try:
             config["source"] = read_archived(source_path(layout, entry.kind, entry.source_sha256)).decode("utf-8")
         except SourceRefused as refused:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from scheduler import claims
 from scheduler.atomic import atomic_path
+from scheduler.earlystop import STOPPED_EARLY, Curve, EarlyStop
 from scheduler.results import CONFIG_COLUMNS
 from scheduler.prepare import META_FILE
 from scheduler.protocol import (EXIT_EXPORT, EXIT_NAN, EXPORT_TAG, FAIL_TAG, OUT_DIR, PROGRESS_TAG,
@@ -96,15 +97,16 @@ def printable(line: str) -> str:
 
 
 class OutputLog:
-    """Reads a process's output in a thread: a capped log file, the tail in memory, the latest progress and
-    when the first progress line came (on the trial's clock: time.monotonic())."""
+    """Reads a process's output in a thread: a capped log file, the tail in memory, the latest progress, the
+    loss curve it draws (`curve`) and when the first progress line came (on the trial's clock: time.monotonic())."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, curve: Curve | None = None) -> None:
         self.path = path
         self.recent: deque[tuple[int, str]] = deque(maxlen=TAIL_KEPT)  # always the last lines (numbered), for the row
         self.count = 0                                          # lines read so far, of every process followed
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)    # lines past the head, written at close
         self.progress: dict = {}
+        self.curve = curve
         self.first_progress: float | None = None
         self.dropped = 0
         self._head_left = LOG_HEAD_BYTES
@@ -120,7 +122,10 @@ class OutputLog:
         for raw in iter(lambda: stream.readline(65536), b""):  # bounded: a line with no newline cannot eat memory
             line = raw.decode("utf-8", errors="replace")
             if line.startswith(PROGRESS_TAG):
-                self.progress = progress_fields(line[len(PROGRESS_TAG):]) or self.progress
+                fields = progress_fields(line[len(PROGRESS_TAG):])
+                self.progress = fields or self.progress
+                if self.curve is not None and "training_seconds" in fields and "loss" in fields:
+                    self.curve.add(fields["training_seconds"], fields["loss"])
                 if self.first_progress is None:
                     self.first_progress = time.monotonic()
             self.count += 1
@@ -457,11 +462,16 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
     (work / "train.py").write_text(config["source"], encoding="utf-8")
     result_file = folder / RESULT_FILE
     env = candidate_env(config, out_dir)
-    log = OutputLog(folder / "log.txt")
+    curve = Curve(config["budget"])
+    log = OutputLog(folder / "log.txt", curve)
     if fetched:
         log.note(fetched)
     row = {key: config[key] for key in CONFIG_COLUMNS}
     row.update(gpu_id=gpu_id, node=node, gpu_name=gpu_name(config["device"]), started_at=started)
+    # Only a candidate's first run is judged, against the curves of the baseline's runs on its GPU type (the searcher
+    # put them in the config); control runs and confirmation reruns are never stopped
+    early = EarlyStop(config.get("early_stop", "off") if config["kind"] == "candidate" else "off",
+                      config.get("reference_curves", {}).get(row["gpu_name"]), config["budget"])
 
     def report_progress() -> None:
         if log.progress:
@@ -480,13 +490,16 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
         kill_group(evaluation)
         raise
     code, stopped = await_process(training, log, report_progress, env[MARK], spare=evaluation.pid,
-                                  overdue=lambda: clock.overdue(log.first_progress))
+                                  overdue=lambda: clock.overdue(log.first_progress) or early.overdue(curve))
     window = clock.window_seconds(log.first_progress)  # the sandbox is gone: nothing of the candidate runs now
     row["startup_seconds"] = clock.startup_seconds(log.first_progress)
+    if not stopped:
+        early.settle(curve)  # the whole curve: a shadow row says what the rule says of the finished run
+    row.update(curve=curve.values(), early_stop_at=early.stopped_at)
     figures: dict = {}
     if stopped:
         kill_group(evaluation)  # nothing to score
-        status, reason = "timeout", stopped
+        status, reason = (STOPPED_EARLY, stopped) if stopped == early.reason else ("timeout", stopped)
     elif code != 0:
         kill_group(evaluation)
         status, reason = classify(code, log.last_lines(), TRAINING_TAGS)

@@ -171,7 +171,32 @@ def test_empty_results(tmp_path):
     assert report["trials"] == 0 and report["best_bpc"] is None
     assert _size(report["png"]) == (1600, 900)
     headings = re.findall(r"^## .*$", report["summary"].read_text(), re.MULTILINE)
-    assert headings == ["## Lineage", "## Agents", "## Near misses", "## GPU busy share"]
+    assert headings == ["## Lineage", "## Agents", "## Near misses", "## Early stopping", "## GPU busy share"]
+
+
+def test_early_stopping_shows_the_time_saved_and_every_wrong_stop(tmp_path):
+    """Shadow rows: a would-be stop of a run that ended far worse saves its rest; one of a run that ended within the
+    baseline's noise is a wrong stop, listed; a trial stopped for real is counted."""
+    start = T0
+    controls = [1.30, 1.31, 1.29]
+    for i, bpc in enumerate(controls):
+        write_row(tmp_path, _row(f"b0-c{i}", "b0", "control", "baseline", "ok", bpc, start, start + timedelta(
+            seconds=320), "0", "n", "control"))
+    shadow = {"bad": (1.60, 90.0), "fine": (1.305, 240.0), "never": (1.40, None)}
+    for name, (bpc, stop) in shadow.items():
+        row = _row(f"{name}-r1", name, "candidate", "a", "ok", bpc, start, start + timedelta(seconds=330), "0", "n",
+                   f"idea {name}")
+        write_row(tmp_path, {**row, "training_seconds": 300.5, "eval_seconds": 10.0, "early_stop_at": stop,
+                             "curve": [2.0] * 20})
+    write_row(tmp_path, {**_row("gone-r1", "gone", "candidate", "a", "stopped_early", None, start,
+                                start + timedelta(seconds=100), "0", "n", "hopeless"), "early_stop_at": 90.0})
+    text = write_report(tmp_path)["summary"].read_text()
+    section = _section(text, "Early stopping")
+    saved_hours = ((300.5 - 90 + 10) + (300.5 - 240 + 10)) / 3600
+    assert "1 trial stopped early" in section and "would have stopped 2 scored trials" in section
+    assert f"saving {saved_hours:.2f} GPU-hours" in section and "1 wrong stop:" in section
+    wrong = _table_rows(section)
+    assert [r[0] for r in wrong] == ["fine-r1"] and wrong[0][3] == "240"
 
 
 def test_only_failures_and_a_promotion_without_runs(tmp_path):

@@ -1,0 +1,196 @@
+"""The early-stop rule (scheduler/earlystop.py) on made-up curves, and where its references come from: no Ray, no
+training. The rule through a real launch is in tests/test_scheduler.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from scheduler.earlystop import (CONFIRM_WINDOWS, CURVE_WINDOWS, MARGIN_EARLY, MARGIN_LATE, MIN_CURVES, MIN_FRACTION,
+                                 Curve, EarlyStop, Reference, references, stop_window, usable_control, window_end)
+
+BUDGET = 300.0
+BASELINE_SHA = "0123456789ab" * 5 + "0123"
+
+
+def falling(start: float = 3.0, end: float = 1.0) -> list[float]:
+    """A baseline-like curve: the loss falls from `start` to `end` over the budget's windows."""
+    return [start + (end - start) * math.sqrt((i + 1) / CURVE_WINDOWS) for i in range(CURVE_WINDOWS)]
+
+
+def controls(*curves: list[float]) -> Reference:
+    """The reference of these control curves, repeated up to the MIN_CURVES a reference needs (no spread added)."""
+    return Reference.of([*curves] * MIN_CURVES)
+
+
+def control_row(curve: list[float | None], **fields) -> dict:
+    last = curve[-1]
+    return {"kind": "control", "source_sha256": BASELINE_SHA, "status": "ok", "curve": curve, "gpu_name": "NVIDIA H200",
+            "val_bpc": last / math.log(2), "training_seconds": BUDGET + 0.4, **fields}
+
+
+def test_a_curve_is_the_mean_loss_per_window_of_counted_seconds():
+    curve = Curve(BUDGET)
+    for seconds, loss in [(5, 4.0), (10, 3.0), (15, 2.0), (16, 1.0), (301.3, 0.5), (-1, 9.0), (20, math.nan)]:
+        curve.add(seconds, loss)
+    values = curve.values()
+    assert len(values) == CURVE_WINDOWS
+    assert values[0] == 3.0          # 5, 10 and 15 s fall in the first 15 s window
+    assert values[1] == 1.0
+    assert values[-1] == 0.5         # past the budget: the last window (the last step overshoots it)
+    assert values[2:-1] == [None] * (CURVE_WINDOWS - 3)
+    assert curve.values(complete_only=True)[:2] == [3.0, 1.0]
+
+
+def test_a_window_still_filling_is_not_judged():
+    curve = Curve(BUDGET)
+    curve.add(14.0, 2.0)
+    assert curve.values(complete_only=True)[0] is None
+    curve.add(16.0, 2.0)
+    assert curve.values(complete_only=True)[0] == 2.0
+
+
+def test_the_margin_is_widest_early_and_nothing_is_judged_before_the_set_fraction():
+    reference = controls(falling())
+    first = next(i for i in range(CURVE_WINDOWS) if reference.line(i) is not None)
+    assert window_end(first, 1.0) == pytest.approx(MIN_FRACTION)
+    assert all(reference.line(i) is None for i in range(first))
+    assert reference.line(first) == pytest.approx(reference.mean[first] * (1 + MARGIN_EARLY))
+    assert reference.line(CURVE_WINDOWS - 1) == pytest.approx(reference.mean[-1] * (1 + MARGIN_LATE))
+
+
+def test_a_hopeless_curve_is_stopped_at_the_first_windows_it_may_be():
+    hopeless = [5.5] * CURVE_WINDOWS  # never learns
+    index = stop_window(hopeless, controls(falling(), falling(3.1, 1.05)))
+    first = round(MIN_FRACTION * CURVE_WINDOWS) - 1
+    assert index == first + CONFIRM_WINDOWS - 1
+
+
+def test_nothing_is_stopped_without_a_reference_or_within_the_margin():
+    assert stop_window([5.5] * CURVE_WINDOWS, None) is None
+    assert Reference.of([falling()] * (MIN_CURVES - 1)) is None  # its spread unknown: no reference yet
+    slightly_worse = [v * (1 + MARGIN_LATE * 0.9) for v in falling()]
+    assert stop_window(slightly_worse, controls(falling())) is None
+
+
+def test_one_noisy_window_stops_nothing():
+    curve = falling()
+    curve[10] *= 1.5
+    assert stop_window(curve, controls(falling())) is None
+
+
+def test_missing_windows_neither_count_for_nor_against():
+    curve: list[float | None] = [5.5 if i % 2 else None for i in range(CURVE_WINDOWS)]
+    assert stop_window(curve, controls(falling())) is not None
+
+
+def test_an_early_crossing_within_the_lenient_margin_is_not_stopped():
+    """A slow start (longer warmup, higher learning rate) runs above the baseline early and catches up."""
+    base = falling()
+    slow_start = [v * (1 + MARGIN_EARLY * 0.8 * (1 - i / CURVE_WINDOWS)) for i, v in enumerate(base)]
+    assert stop_window(slow_start, controls(base)) is None
+
+
+def test_the_control_runs_spread_widens_the_line():
+    wide = controls(falling(3.0, 1.0), falling(3.0, 1.2))
+    narrow = controls(falling(3.0, 1.1))
+    assert wide.line(CURVE_WINDOWS - 1) > narrow.line(CURVE_WINDOWS - 1)
+
+
+def test_shadow_records_when_it_would_stop_and_stops_nothing():
+    curve = Curve(BUDGET)
+    for seconds in range(5, 300, 5):
+        curve.add(seconds, 5.5)
+    curve.add(300.2, 5.5)
+    shadow = EarlyStop("shadow", [falling()] * MIN_CURVES, BUDGET)
+    assert shadow.overdue(curve) is None
+    assert shadow.stopped_at == window_end(stop_window(curve.values(), controls(falling())), BUDGET)
+    on = EarlyStop("on", [falling()] * MIN_CURVES, BUDGET)
+    assert "stopped early at" in on.overdue(curve) and "baseline's" in on.reason
+    off = EarlyStop("off", [falling()] * MIN_CURVES, BUDGET)
+    off.settle(curve)
+    assert off.overdue(curve) is None and off.stopped_at is None
+    with pytest.raises(ValueError, match="use one of off, shadow, on"):
+        EarlyStop("maybe", None, BUDGET)
+
+
+def test_references_come_only_from_scored_runs_of_the_current_baselines_source():
+    good = control_row(falling())
+    promoted = {**good, "kind": "confirm", "curve": falling(3.0, 1.01)}  # a run that made it the baseline
+    rows = [
+        good,
+        promoted,
+        {**good, "source_sha256": "f" * 64, "kind": "candidate"},  # another candidate's curve is never a reference
+        {**good, "source_sha256": BASELINE_SHA[:12] + "f" * 52},   # nor one that shares the id's 12 characters
+        {**good, "status": "crash"},
+        {**good, "training_seconds": 45.0},                   # another budget
+        {**good, "training_seconds": 400.0},
+        {**good, "curve": None},
+        {**good, "gpu_name": "NVIDIA A100", "curve": falling(4.0, 2.0), "val_bpc": 2.0 / math.log(2)},
+    ]
+    found = references(rows, BASELINE_SHA, BUDGET)
+    assert found == {"NVIDIA H200": [good["curve"], promoted["curve"]], "NVIDIA A100": [falling(4.0, 2.0)]}
+
+
+def test_a_control_curve_that_ends_below_its_trusted_score_is_no_reference():
+    """A baseline's code prints its own loss: one that claims far lower training loss than the evaluation finds
+    for its weights would make every candidate look worse; it is left out."""
+    honest = control_row(falling())
+    assert usable_control(honest, BASELINE_SHA, BUDGET)
+    forged = {**honest, "curve": [v * 0.5 for v in falling()]}
+    assert not usable_control(forged, BASELINE_SHA, BUDGET)
+
+
+@pytest.mark.parametrize("mode", ["shadow", "on", "off"])
+def test_the_searcher_gives_a_candidates_first_run_the_curves_of_the_baselines_runs(tmp_path, mode):
+    """The trial config of a candidate's first run carries the baseline's runs' curves per GPU type (read from the
+    rows when it is handed to Tune); a rerun's and a control run's, and any with early stopping off, carry none."""
+    from scheduler import queue, results
+    from scheduler.layout import Layout
+    from scheduler.search import QueueSearcher
+
+    layout = Layout.at(tmp_path)
+    layout.make()
+    curves = [falling(3.0, 1.0 + i / 100) for i in range(MIN_CURVES)]
+    for i, curve in enumerate(curves):
+        results.write_row(layout.results, {**control_row(curve), "trial_id": f"b-c{i}", "candidate_id": "b"})
+    other = {**control_row(falling(9.0, 8.0)), "trial_id": "x-r1", "candidate_id": "x", "kind": "candidate",
+             "source_sha256": "f" * 64}
+    results.write_row(layout.results, other)
+    searcher = QueueSearcher(str(tmp_path), str(layout.data), {"budget": BUDGET, "early_stop": mode}, False)
+    judged = {}
+    for kind in ("candidate", "confirm", "control"):
+        entry = queue.Entry(trial_id=f"e-{kind}", candidate_id="e", kind=kind, source_sha256="e" * 64)
+        judged[kind] = searcher._config(layout, entry, "b", BASELINE_SHA).get("reference_curves")
+    expected = {"NVIDIA H200": curves} if mode != "off" else None
+    assert judged == {"candidate": expected, "confirm": None, "control": None}
+
+
+@pytest.mark.slow
+def test_a_shadow_trial_records_when_it_would_stop_and_is_scored(tmp_path, data_dir, tiny_train_source, monkeypatch):
+    """run_trial itself, without Ray (its reports collected): a candidate whose loss runs far above the reference
+    is scored as usual in shadow mode, and its row says when the rule would have stopped it."""
+    import json
+
+    from ray import tune
+
+    from scheduler.trial import run_trial
+
+    reports: list[dict] = []
+    monkeypatch.setattr(tune, "report", reports.append)
+    budget = 2.0
+    config = {
+        "trial_id": "hopeless-r1", "candidate_id": "hopeless", "kind": "candidate", "agent": "a", "parent": "b",
+        "baseline": "b", "description": "loss reported 10 times over", "source_sha256": "0" * 64, "seed": 0,
+        "sandbox": "none", "root": str(tmp_path), "data_dir": str(data_dir), "runs_dir": str(tmp_path / "runs"),
+        "data_sha256": json.loads((data_dir / "meta.json").read_text())["sha256"], "budget": budget,
+        "device": "cpu", "omp_threads": 1, "startup_allowance": 60.0, "eval_timeout": 120.0,
+        "source": tiny_train_source.replace("run.step(step(batch),", "run.step(10 * step(batch),"),
+        "early_stop": "shadow", "reference_curves": {"cpu": [falling(5.5, 3.0)] * MIN_CURVES},
+    }
+    run_trial(config)
+    row = json.loads(reports[-1]["result_row"])
+    assert row["status"] == "ok" and row["val_bpc"] is not None, row["reason"]
+    assert MIN_FRACTION * budget <= row["early_stop_at"] <= budget
+    assert len(row["curve"]) == CURVE_WINDOWS and row["curve"][-1] > 20  # what it reported, 10 times its loss
