@@ -37,6 +37,7 @@ import pytest
 
 from scheduler import handover, results
 from scheduler.protocol import PROGRAM_FILE, WEIGHTS_FILE
+from scheduler.trial import LOG_HEAD_BYTES
 
 from conftest import BackgroundLaunch, make_corpus, scheduler, trial_processes
 
@@ -698,6 +699,30 @@ ATTACKS = {
     "memorises_a_copy": MEMORISES_A_COPY,
 }
 
+
+def broken(main: str, build: str = "return Bigram()") -> str:
+    """HONEST with `build` as build_model's body and `main` as the script's main block."""
+    head = HONEST.replace("def build_model():\n    return Bigram()", f"def build_model():\n    {build}")
+    return head + 'if __name__ == "__main__":\n' + "".join(f"    {line}\n" for line in main.splitlines())
+
+
+SLEEPER = "98765"  # a child that outlives the untidy candidate runs `sleep 98765`
+# Broken and untidy candidates, not after the score: each must end as a row with a clear reason, leaving nothing
+BROKEN = {
+    "build_raises": broken("main()", build='raise ValueError("no model today")'),
+    # hangs before training and ignores SIGTERM: only the start-up allowance and the SIGKILL after it end it
+    "hangs_ignoring_sigterm": broken("import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                                     "while True:\n    time.sleep(0.1)"),
+    "loop_inside": broken("run = harness.Run()\nwhile True:\n    run.step(torch.tensor(1.0), tokens=1)"),
+    # untidy but working: shows its environment, leaves children behind, floods its output, then trains
+    "untidy": broken(f"import subprocess\nprint('ENV', json.dumps(dict(os.environ)))\n"
+                     f"subprocess.Popen(['sleep', '{SLEEPER}'], start_new_session=True)\n"
+                     f"subprocess.Popen(['sleep', '{SLEEPER}'])\n"
+                     f"for i in range(300_000):\n    print('flood', i)\nmain()"),
+    "wrong_shape": broken("run = harness.Run()\nrun.finish(build_model())", build="return torch.nn.Embedding(256, 10)"),
+}
+DUPLICATES = 20  # agents submitting the same file at once: one runs, the others are duplicates
+
 # ----------------------------------------------------------------------------------------------- the launches
 
 
@@ -757,6 +782,7 @@ class Attacked:
     actor_pids: set[int]
     marker: Path                          # what the pickles would create
     unsandboxed: dict                     # the baseline's control run with --sandbox none
+    broken: dict[str, dict]               # BROKEN's candidates -> their first run's row (None: no row)
 
     def log(self, attack: str) -> str:
         return (self.root / "results" / "runs" / f"{self.ids[attack]}-r1" / "log.txt").read_text(errors="replace")
@@ -784,6 +810,27 @@ def scheduler_sources() -> dict[str, str]:
     return {p.name: digest(p) for p in sorted(package.glob("*.py"))}
 
 
+def submit_broken(tmp: Path, root: Path) -> dict[str, str]:
+    """Submit BROKEN's candidates and DUPLICATES copies of one file at once, and drop a file over the size limit
+    and one with an unsafe name straight into candidates/: {name: candidate id} of the submitted ones."""
+    ids = {}
+    for name, source in BROKEN.items():
+        path = tmp / f"{name}.py"
+        path.write_text(source)
+        ids[name] = scheduler(root, "submit", str(path), "--agent", "broken", "-m", name).stdout.strip()
+    (root / "candidates" / "huge.py").write_bytes(b"# " + b"x" * 50_000_000 + b"\ndef build_model(): pass\n")
+    (root / "candidates" / "a..b.py").write_text(BASELINE + "# an unsafe name\n")
+    same = tmp / "same.py"
+    same.write_text(BASELINE.replace("LEARNING_RATE = 0.2", "LEARNING_RATE = 0.01"))  # worse: never promoted
+    threads = [threading.Thread(target=scheduler, args=(root, "submit", str(same), "--agent", "twenty", "-m", "same"))
+               for _ in range(DUPLICATES)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return ids
+
+
 @pytest.fixture(scope="module")
 def attacked(tmp_path_factory) -> Attacked:
     tmp = tmp_path_factory.mktemp("attacks")
@@ -805,6 +852,7 @@ def attacked(tmp_path_factory) -> Attacked:
             done = scheduler(root, "submit", str(path), "--agent", "red-team", "-m", attack)
             assert done.returncode == 0, done.stderr
             ids[attack] = done.stdout.strip()
+        broken_ids = submit_broken(tmp, root)
         before, baseline, sources = outside_results(root), (root / "train.py").read_text(), scheduler_sources()
         started = time.monotonic()
         launch = BackgroundLaunch(root, tuple(LAUNCH[1:]), umask=-1)
@@ -826,10 +874,12 @@ def attacked(tmp_path_factory) -> Attacked:
     by_candidate = {r["candidate_id"]: r for r in all_rows if r["trial_id"].endswith("-r1")}
     rows = {attack: by_candidate.get(cid) for attack, cid in ids.items()}
     rows["control"] = next(r for r in all_rows if r["kind"] == "control" and r["trial_id"].endswith("-c1"))
+    first_runs = [r for r in all_rows if r["kind"] == "candidate"]
+    broken_rows = {name: next((r for r in first_runs if r["candidate_id"] == cid), None) for name, cid in broken_ids.items()}
     return Attacked(root=root, ids=ids, rows=rows, all_rows=all_rows, returncode=returncode,
                     output=launch.stderr(), seconds=seconds, before=before,
                     baseline=baseline, sources=sources, actor_pids=actor_pids, marker=marker,
-                    unsandboxed=unsandboxed)
+                    unsandboxed=unsandboxed, broken=broken_rows)
 
 
 def honest(attacked: Attacked) -> float:
@@ -898,6 +948,36 @@ def test_nothing_outside_the_trial_folders_changes(attacked):
         secret = token.read_bytes().strip()
         logs = [p for p in (root / "results" / "runs").rglob("log.txt") if secret in p.read_bytes()]
         assert not logs and secret not in attacked.output.encode()
+
+
+@pytest.mark.slow
+def test_broken_and_untidy_candidates_get_their_rows(attacked):
+    """Candidates that crash, hang, loop, flood or hand over the wrong model each get a row with a clear reason;
+    their children are gone; the log is capped; intake refuses what it must; nothing the scheduler wrote is
+    world-writable."""
+    status = {name: row["status"] for name, row in attacked.broken.items()}
+    reason = {name: row["reason"] for name, row in attacked.broken.items()}
+    assert status["build_raises"] == "crash" and "no model today" in reason["build_raises"]
+    assert status["hangs_ignoring_sigterm"] == status["loop_inside"] == "timeout"
+    assert f"no training progress within the start-up allowance of {ALLOWANCE} s" in reason["hangs_ignoring_sigterm"]
+    assert "must end when run.done() is true" in reason["loop_inside"]  # the trial's clock, not the allowance
+    assert status["untidy"] == "ok", reason["untidy"]
+    assert subprocess.run(["pgrep", "-f", f"sleep {SLEEPER}"], capture_output=True).stdout == b""  # children gone
+    log = (attacked.root / "results" / "runs" / f"{attacked.broken['untidy']['trial_id']}" / "log.txt").read_text()
+    assert "lines dropped (log capped)" in log and len(log) < LOG_HEAD_BYTES + 100_000
+    env_line = next(line for line in log.splitlines() if line.startswith("ENV "))
+    assert "val.bin" not in env_line and "test.bin" not in env_line and "train.bin" in env_line
+    assert status["wrong_shape"] == "eval_failed" and "expected logits" in reason["wrong_shape"]
+
+    first = [r for r in attacked.all_rows if r["kind"] == "candidate"]
+    rejected = " ".join(r["reason"] for r in first if r["status"] == "rejected")
+    assert "over the size limit" in rejected and "unsafe file name 'a..b.py'" in rejected
+    twenty = [r for r in first if r["agent"] == "twenty"]
+    assert len(twenty) == DUPLICATES and sum(r["status"] == "ok" for r in twenty) == 1
+    assert sum(r["status"] == "rejected" and r["duplicate_of"] is not None for r in twenty) == DUPLICATES - 1
+    assert len({r["candidate_id"] for r in first}) == len(first)
+    for path in (attacked.root / "results").rglob("*"):  # nothing the scheduler wrote is world-writable
+        assert not path.stat().st_mode & 0o002, path
 
 
 # ----------------------------------------------------------------------------------------------- issue 18's table

@@ -329,7 +329,7 @@ def test_baseline_status_and_report_give_the_same_baseline_score(tmp_path, capsy
     assert f"baseline now {expected:.4f}" in made["summary"].read_text()
 
     text = run_cli(capsys, "--root", str(tmp_path), "baseline")[1]
-    assert f"test split: 2.0500 bpc" in text and f"{0.05:.4f} on test" in text  # 2.10 -> 2.05
+    assert "test split: 2.0500 bpc" in text and f"{0.05:.4f} on test" in text  # 2.10 -> 2.05
     assert "not scored on test" not in text
 
 

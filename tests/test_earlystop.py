@@ -1,5 +1,5 @@
 """The early-stop rule (scheduler/earlystop.py) on made-up curves, and where its references come from: no Ray, no
-training. The rule through a real launch is in tests/test_scheduler.py."""
+training, but for one trial run by run_trial in each mode (slow)."""
 
 from __future__ import annotations
 
@@ -168,9 +168,13 @@ def test_the_searcher_gives_a_candidates_first_run_the_curves_of_the_baselines_r
 
 
 @pytest.mark.slow
-def test_a_shadow_trial_records_when_it_would_stop_and_is_scored(tmp_path, data_dir, tiny_train_source, monkeypatch):
-    """run_trial itself, without Ray (its reports collected): a candidate whose loss runs far above the reference
-    is scored as usual in shadow mode, and its row says when the rule would have stopped it."""
+@pytest.mark.parametrize("mode", ["shadow", "on"])
+def test_a_hopeless_trial_is_recorded_in_shadow_and_stopped_when_on(tmp_path, data_dir, tiny_train_source, monkeypatch,
+                                                                     mode):
+    """run_trial itself, without Ray (its reports collected), for a candidate whose loss runs far above the
+    reference: in shadow mode it is scored as usual and its row says when the rule would have stopped it; with the
+    rule on it is stopped there, status stopped_early, and never evaluated. (That the searcher hands a candidate's
+    first run the reference, and that wait, show and results call such a row rejected, is tested without training.)"""
     import json
 
     from ray import tune
@@ -187,10 +191,15 @@ def test_a_shadow_trial_records_when_it_would_stop_and_is_scored(tmp_path, data_
         "data_sha256": json.loads((data_dir / "meta.json").read_text())["sha256"], "budget": budget,
         "device": "cpu", "omp_threads": 1, "startup_allowance": 60.0, "eval_timeout": 120.0,
         "source": tiny_train_source.replace("run.step(step(batch),", "run.step(10 * step(batch),"),
-        "early_stop": "shadow", "reference_curves": {"cpu": [falling(5.5, 3.0)] * MIN_CURVES},
+        "early_stop": mode, "reference_curves": {"cpu": [falling(5.5, 3.0)] * MIN_CURVES},
     }
     run_trial(config)
     row = json.loads(reports[-1]["result_row"])
-    assert row["status"] == "ok" and row["val_bpc"] is not None, row["reason"]
     assert MIN_FRACTION * budget <= row["early_stop_at"] <= budget
-    assert len(row["curve"]) == CURVE_WINDOWS and row["curve"][-1] > 20  # what it reported, 10 times its loss
+    if mode == "shadow":
+        assert row["status"] == "ok" and row["val_bpc"] is not None, row["reason"]
+        assert len(row["curve"]) == CURVE_WINDOWS and row["curve"][-1] > 20  # what it reported, 10 times its loss
+    else:
+        assert row["status"] == "stopped_early", (row["status"], row["reason"])
+        assert row["reason"].startswith("stopped early at") and "baseline's" in row["reason"]
+        assert row["val_bpc"] is None and row["eval_seconds"] is None  # the evaluation never ran

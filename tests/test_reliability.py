@@ -1,5 +1,6 @@
-"""Hostile and broken candidates, and faults while launch runs: every case gets its row with a clear reason,
-nothing escapes, launch keeps running."""
+"""Faults while launch runs (a killed trial worker, a killed selection actor, a stalled candidate): every case gets
+its row with a clear reason, nothing escapes, launch keeps running. Broken and untidy candidates are in
+tests/test_attacks.py, in the attacks' launch."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -17,13 +17,11 @@ from scheduler import results
 from scheduler.cli import build_parser
 from scheduler.launch import LOCAL_HOST, dashboard_lines
 from scheduler.selection import ACTOR_NAME
-from scheduler.trial import HANDOVER_MARGIN, LOG_HEAD_BYTES, MARK, PASSED_ENV, TrialClock, candidate_env
+from scheduler.trial import HANDOVER_MARGIN, MARK, PASSED_ENV, TrialClock, candidate_env
 
-from conftest import make_root, scheduler, trial_processes, variant, wait_for, with_main
+from conftest import make_root, scheduler, trial_processes, wait_for
 
-SLEEPER = "98765"  # a child that outlives its candidate runs `sleep 98765`
 ESCAPED = "98764"  # the child that the candidate of the fault test starts outside its process group
-TRAIN = "main()"
 # A driver attached to a launch's Ray (argv[1]: its GCS address) prints the selection actor's summary and pid.
 # Ray reads RAY_AUTH_MODE when it is imported, so this runs in a process of its own, as a user would run it.
 ATTACH = f"""
@@ -38,77 +36,6 @@ print(json.dumps({{"summary": ray.get(actor.summary.remote()),
 # What the trial adds to the allowlisted part of the environment (scheduler/trial.py: candidate_env)
 TRIAL_ENV = {"PYTHONPATH", "PYTHONUNBUFFERED", "CUDA_DEVICE_ORDER", "OMP_NUM_THREADS", "SCHEDULER_TRAIN_DATA", "SCHEDULER_BUDGET",
              "SCHEDULER_SEED", "SCHEDULER_DEVICE", "SCHEDULER_OUT", "SCHEDULER_TRIAL", MARK}
-
-
-@pytest.mark.slow
-def test_hostile_candidates(tmp_path, corpus):
-    root = make_root(tmp_path, corpus)
-    cases = {
-        "build_raises": variant().replace('    """LongTensor[B, T] -> logits[B, T, 256]."""',
-                                          '    """Raises."""\n    raise ValueError("no model today")'),
-        # hangs before training and ignores SIGTERM: only the start-up allowance and the SIGKILL after it end it
-        "hangs_ignoring_sigterm": with_main("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                                            "while True:\n    time.sleep(0.1)"),
-        "loop_inside": with_main("import torch\nfrom scheduler import harness\nrun = harness.Run()\n"
-                                 "while True:\n    run.step(torch.tensor(1.0), tokens=1)"),
-        # untidy but working: shows its environment, leaves children behind, floods its output, then trains
-        "untidy": with_main(f"import json, os, subprocess\nprint('ENV', json.dumps(dict(os.environ)))\n"
-                            f"subprocess.Popen(['sleep', '{SLEEPER}'], start_new_session=True)\n"
-                            f"subprocess.Popen(['sleep', '{SLEEPER}'])\n"
-                            f"for i in range(300_000):\n    print('flood', i)\n{TRAIN}"),
-        "wrong_shape": with_main("import torch\nfrom scheduler import harness\nrun = harness.Run()\n"
-                                 "model = torch.nn.Embedding(256, 10)\nrun.finish(model)").replace(
-                                     "def build_model() -> torch.nn.Module:",
-                                     "def build_model() -> torch.nn.Module:\n    return torch.nn.Embedding(256, 10)\n\n\n"
-                                     "def unused_build_model() -> torch.nn.Module:"),
-    }
-    ids = {}
-    for name, text in cases.items():
-        path = tmp_path / f"{name}.py"
-        path.write_text(text)
-        ids[scheduler(root, "submit", str(path), "--agent", "hostile", "-m", name).stdout.strip()] = name
-    (root / "candidates" / "huge.py").write_bytes(b"# " + b"x" * 50_000_000 + b"\ndef build_model(): pass\n")
-    (root / "candidates" / "a..b.py").write_text(variant(GRAD_CLIP=0.5))
-    same = tmp_path / "same.py"
-    same.write_text(variant(GRAD_CLIP=0.7))
-    threads = [threading.Thread(target=scheduler, args=(root, "submit", str(same), "--agent", "twenty", "-m", "same"))
-               for _ in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-    # the allowance must hold a tiny trial's start with three trials and their evaluations sharing 2 cores:
-    # about 20 s on the 2-core CI box
-    done = scheduler(root, "launch", "--pretend-gpus", "3", "--device", "cpu", "--budget", "2", "--no-dashboard",
-                     "--exit-when-idle", "--promotion", "greedy", "--startup-allowance", "40",
-                     "--min-baseline-runs", "1")  # no control runs beyond the first: they test nothing here
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = results.read_trials(root / "results")
-    first = rows[rows["kind"] == "candidate"]
-    status = {ids[c]: s for c, s in zip(first["candidate_id"], first["status"]) if c in ids}
-    reason = {ids[c]: r for c, r in zip(first["candidate_id"], first["reason"]) if c in ids}
-    assert status["build_raises"] == "crash" and "no model today" in reason["build_raises"]
-    assert status["hangs_ignoring_sigterm"] == status["loop_inside"] == "timeout"
-    assert "no training progress within the start-up allowance of 40 s" in reason["hangs_ignoring_sigterm"]
-    assert "must end when run.done() is true" in reason["loop_inside"]  # the trial's clock, not the allowance
-    assert status["untidy"] == "ok", reason["untidy"]
-    assert subprocess.run(["pgrep", "-f", f"sleep {SLEEPER}"], capture_output=True).stdout == b""  # children gone
-    untidy_log = (root / "results" / "runs" / f"{next(c for c in ids if ids[c] == 'untidy')}-r1" / "log.txt").read_text()
-    assert "lines dropped (log capped)" in untidy_log and len(untidy_log) < LOG_HEAD_BYTES + 100_000
-    env_line = next(line for line in untidy_log.splitlines() if line.startswith("ENV "))
-    assert "val.bin" not in env_line and "test.bin" not in env_line and "train.bin" in env_line
-    assert status["wrong_shape"] == "eval_failed" and "expected logits" in reason["wrong_shape"]
-
-    rejected = " ".join(first[first["status"] == "rejected"]["reason"])
-    assert "over the size limit" in rejected and "unsafe file name 'a..b.py'" in rejected
-    twenty = first[first["agent"] == "twenty"]
-    assert len(twenty) == 20 and (twenty["status"] == "ok").sum() == 1
-    assert (twenty["status"] == "rejected").sum() == 19 and twenty["duplicate_of"].notna().sum() == 19
-    assert first["candidate_id"].is_unique
-    # Nothing the scheduler wrote is world-writable.
-    for path in (root / "results").rglob("*"):
-        assert not path.stat().st_mode & 0o002, path
 
 
 def parent_of(pid: int) -> int:

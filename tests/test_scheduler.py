@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from scheduler import results
-from scheduler.earlystop import CURVE_WINDOWS, MIN_CURVES, MIN_FRACTION
+from scheduler.earlystop import CURVE_WINDOWS
 
 from conftest import make_root, scheduler, trial_processes, variant, wait_for, with_main
 
@@ -77,44 +77,10 @@ def test_launch_runs_every_candidate_once(tmp_path, corpus):
     for curve in frame.loc[frame["status"] == "ok", "curve"]:
         assert len(curve) == CURVE_WINDOWS and any(v is not None for v in curve)
 
-    # A second launch runs nothing again but candidates that do not learn and report 10 times their loss, in quick
-    # steps: far above the baseline's curves however widely a loaded CPU spreads them, with a progress line in every
-    # window. On one GPU, with --min-baseline-runs MIN_CURVES, each candidate's run brings a control run of the
-    # baseline until it has MIN_CURVES scores, so the last of them at least is judged against MIN_CURVES curves, and
-    # stopped early: not scored, rejected
-    hopeless_ids = []
-    for i in range(MIN_CURVES):
-        path = tmp_path / f"hopeless_{i}.py"
-        path.write_text(with_main(f"""import torch
-from scheduler import harness
-run = harness.Run()
-model = build_model()
-run.watch(model, seq_len=MAX_SEQ_LEN)
-while not run.done():
-    batch = run.batch(1, {16 + i})
-    with torch.no_grad():
-        loss = F.cross_entropy(model(batch[:, :-1]).view(-1, 256), batch[:, 1:].reshape(-1))
-    run.step(10 * loss, tokens={16 + i})
-run.finish(model, precision="fp32", depth=MODEL_DEPTH)"""))
-        hopeless_ids.append(scheduler(root, "submit", str(path), "--agent", "a3", "-m", f"hopeless {i}").stdout.strip())
-    one_gpu = [*LAUNCH[:2], "1", *LAUNCH[3:-1], str(MIN_CURVES)]
-    again = scheduler(root, *one_gpu, "--exit-when-idle", "--promotion", "greedy", "--early-stop", "on")
+    # A second launch runs nothing again.
+    again = scheduler(root, *LAUNCH, "--exit-when-idle", "--promotion", "greedy")
     assert again.returncode == 0, again.stderr[-2000:]
-    rows = results.read_trials(root / "results")
-    assert set(rows["trial_id"]) >= set(frame["trial_id"]) and rows["trial_id"].is_unique
-    new = rows[~rows["trial_id"].isin(frame["trial_id"])]
-    assert set(new.loc[new["kind"] == "candidate", "candidate_id"]) == set(hopeless_ids)
-    hopeless = new[new["kind"] == "candidate"]
-    assert set(hopeless["status"]) <= {"ok", "stopped_early"}  # ok: run before the baseline had MIN_CURVES curves
-    stopped = hopeless[hopeless["status"] == "stopped_early"]
-    assert len(stopped) >= 1, hopeless[["candidate_id", "status", "reason"]]
-    for row in stopped.itertuples():
-        assert row.reason.startswith("stopped early at") and "baseline's" in row.reason
-        assert row.early_stop_at >= MIN_FRACTION * BUDGET
-        assert pd.isna(row.val_bpc) and pd.isna(row.eval_seconds)  # the evaluation never ran
-    stopped_id = stopped["candidate_id"].iloc[0]
-    waited = scheduler(root, "wait", stopped_id, "--timeout", "5")
-    assert waited.returncode == 1 and "stopped_early" in waited.stdout and "rejected" in waited.stdout
+    assert len(results.read_trials(root / "results")) == len(frame)
 
 
 def test_kill_9_then_relaunch_loses_nothing(tmp_path, corpus, background_launch):
