@@ -107,6 +107,10 @@ class Clock:
         self._last_mark: float | None = None
         self._last_print = 0.0
         self._loss: torch.Tensor | float = 0.0
+        # the loss summed over the counted steps since the last progress line, on the device (adding waits for
+        # nothing): a progress line reports their mean, so each window of the curve averages every step in it
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._loss_count = 0
         # unchanged at the 300 s budget (windows of 15 s); a seconds budget on the CPU gets a curve too
         self._sync_every = min(SYNC_EVERY, budget / CURVE_WINDOWS / LINES_PER_WINDOW)
         self._progress_every = min(PROGRESS_EVERY, budget / CURVE_WINDOWS / LINES_PER_WINDOW)
@@ -136,6 +140,9 @@ class Clock:
         if self.steps > WARMUP_STEPS:
             self._pending_tokens += tokens
         self._loss = loss.detach() if isinstance(loss, torch.Tensor) else loss
+        if self.steps > WARMUP_STEPS:
+            self._loss_sum = self._loss_sum + (self._loss.float() if isinstance(self._loss, torch.Tensor) else self._loss)
+            self._loss_count += 1
         if self.steps <= WARMUP_STEPS or time.perf_counter() - self._last_mark >= self._sync_every:
             self._sync()
 
@@ -165,14 +172,19 @@ class Clock:
             self._pending_tokens = 0
         self._last_mark = now
 
-        loss = float(self._loss)
+        self._exit_if_not_finite(float(self._loss))
+        wall = time.time()
+        if self._loss_count and wall - self._last_print >= self._progress_every:
+            self._last_print = wall
+            mean = float(self._loss_sum) / self._loss_count
+            self._exit_if_not_finite(mean)  # a step between the syncs
+            self._loss_sum, self._loss_count = 0.0, 0
+            self._print_progress(mean)
+
+    def _exit_if_not_finite(self, loss: float) -> None:
         if not math.isfinite(loss):
             print(f"FAIL: loss is {loss} at step {self.steps}", flush=True)
             sys.exit(EXIT_NAN)
-        wall = time.time()
-        if self.steps > WARMUP_STEPS and wall - self._last_print >= self._progress_every:
-            self._last_print = wall
-            self._print_progress(loss)
 
     def tokens_per_second(self) -> float:
         return self._timed_tokens / self.training_seconds if self.training_seconds > 0 else 0.0
@@ -186,6 +198,7 @@ class Clock:
         return 100.0 * self.flops_per_token * self.tokens_per_second() / (peak * 1e12)
 
     def _print_progress(self, loss: float) -> None:
+        """`loss`: the mean loss of the counted steps since the last line."""
         mfu = self.mfu_percent()
         line = {
             "step": self.steps,
@@ -287,7 +300,9 @@ class Run(Clock):
         }
         (self.out_dir / STATS_FILE).write_text(json.dumps(stats, indent=2))
         print(f"harness: handed over {self.out_dir / PROGRAM_FILE} after {self.steps} steps, "
-              f"{self.training_seconds:.1f} s of training (export {self.export_seconds:.1f} s)", flush=True)
+              f"{self.training_seconds:.1f} s of training; start-up: interpreter {self.interpreter_seconds:.1f} s, "
+              f"set-up {self.setup_seconds:.1f} s (export check {self.check_seconds:.1f} s), first steps "
+              f"{self.warmup_seconds:.1f} s; export {self.export_seconds:.1f} s", flush=True)
 
         if self._evaluation is not None:
             hand_over_to_evaluation(self._evaluation)

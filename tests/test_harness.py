@@ -202,3 +202,27 @@ def test_attention_backward_counts_twice_the_forward():
 
     q, k, v = (2, 6, 1024, 64), (2, 6, 1024, 64), (2, 6, 1024, 32)
     assert harness.attention_backward_flops(q, q, k, v) == 2 * sdpa_flop_count(q, k, v)
+
+
+def test_a_progress_line_carries_the_mean_loss_of_the_steps_since_the_last(monkeypatch, capsys):
+    """The early-stop curve averages every counted step, not the one step a sync happens to land on: with a
+    clock that moves 0.1 s per step, a line every 0.5 s carries the mean of the 5 steps' losses before it."""
+    now = [1000.0]
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(harness.time, "time", lambda: now[0])
+    clock = harness.Clock(budget=20.0, device=torch.device("cpu"))  # lines and syncs every 0.5 s
+    losses = [float(i) for i in range(1, 24)]
+    for loss in losses:
+        clock.step(torch.tensor(loss), tokens=1)
+        now[0] += 0.1
+    lines = [json.loads(line[len(protocol.PROGRESS_TAG):]) for line in capsys.readouterr().out.splitlines()
+             if line.startswith(protocol.PROGRESS_TAG)]
+    counted = losses[harness.WARMUP_STEPS:]
+    assert len(lines) >= 3
+    means, start = [], 0
+    for line in lines:
+        end = line["step"] - harness.WARMUP_STEPS
+        means.append(sum(counted[start:end]) / (end - start))
+        start = end
+    assert [line["loss"] for line in lines] == pytest.approx(means)
+    assert all(b["step"] - a["step"] > 1 for a, b in zip(lines, lines[1:]))  # a line's mean is of several steps
