@@ -216,7 +216,7 @@ def _run(opts: LaunchOptions, layout: Layout, local_gpus: list[int] | None, sand
         layout.make()
         results.build_index(layout.results)  # rows of an older results folder, for the commands' fast reads
 
-        from scheduler.record import RecordResults
+        from scheduler.record import RecordResults, ShowLive
         from scheduler.search import QueueSearcher, StopNow
         from scheduler.selection import selection_actor
         from scheduler.trial import run_trial, ship_data
@@ -248,7 +248,7 @@ def _run(opts: LaunchOptions, layout: Layout, local_gpus: list[int] | None, sand
                 num_samples=-1, max_concurrent_trials=n_gpus, reuse_actors=True),
             run_config=tune.RunConfig(
                 name="scheduler", storage_path=str(layout.results / "ray"), verbose=0,
-                callbacks=[recorder],
+                callbacks=[ShowLive(str(layout.root), str(layout.data)), recorder],
                 stop=StopNow(str(layout.root), str(layout.data)),
                 failure_config=tune.FailureConfig(max_failures=0)),
         )

@@ -63,6 +63,10 @@ class Layout:
     def live(self) -> Path:
         return self.results / "live"
 
+    def live_file(self, trial_id: str) -> Path:
+        """A running trial's progress, as `status` and `wait` show it."""
+        return self.live / f"{trial_id}.json"
+
     @property
     def baselines(self) -> Path:
         return self.results / "baselines"

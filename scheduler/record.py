@@ -1,6 +1,11 @@
-"""The Tune callback that records what trials do: live progress, the Parquet row, the selection's verdict.
+"""The Tune callbacks that record what trials do: live progress (ShowLive), the Parquet row and the selection's
+verdict (RecordResults).
 
+ShowLive
+on_trial_start,
 on_trial_result    writes results/live/<trial>.json (what `status` and `wait` show)
+
+RecordResults
 on_trial_complete  sends the row to the selection actor (which may queue reruns
                    or promote), then writes the row and clears the queue entry
 on_trial_error     the trial's worker died or the trainable raised: what is
@@ -47,6 +52,47 @@ def error_text(trial) -> str:
     return f"the Ray worker running it failed: {lines[-1][:300]}" if lines else "the Ray worker running it failed"
 
 
+def write_live(layout: Layout, trial_id: str, data: dict) -> None:
+    layout.live.mkdir(parents=True, exist_ok=True)
+    # rewritten at every progress report, and only shown: not worth a flush to the disk each time
+    atomic_write(layout.live_file(trial_id), json.dumps(data), fsync=False)
+
+
+def where_it_ran(layout: Layout, trial_id: str) -> dict:
+    """Where and since when a trial ran, as its live file says (the node it reported, its GPU, its start):
+    an interrupted trial's row and its bar in the timeline name the node that was lost."""
+    try:
+        live = json.loads(layout.live_file(trial_id).read_text())
+    except (OSError, ValueError):
+        return {}
+    where = {"node": live.get("node"), "gpu_id": live.get("gpu"), "started_at": results.from_unix(live.get("started"))}
+    return {key: value for key, value in where.items() if value is not None}
+
+
+class ShowLive(Callback):
+    """A running trial's live file: who it is, its phase, its latest progress (RecordResults removes it)."""
+
+    def __init__(self, root: str, data_dir: str) -> None:
+        self.root, self.data_dir = root, data_dir
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        c = trial.config
+        write_live(Layout.at(self.root, self.data_dir), c["trial_id"],
+                   {"trial_id": c["trial_id"], "candidate_id": c["candidate_id"], "kind": c["kind"],
+                    "agent": c["agent"], "phase": "starting", "started": time.time()})
+        say(f"start {c['trial_id']} ({c['kind']}, agent {c['agent'] or '-'})")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if result.get("phase") in ("starting", "train", "eval"):
+            layout = Layout.at(self.root, self.data_dir)
+            path = layout.live_file(trial.config["trial_id"])
+            live = json.loads(path.read_text()) if path.exists() else {}
+            keep = ("step", "loss", "tok_s", "mfu", "progress", "training_seconds", "phase", "elapsed", "gpu",
+                    "node")
+            live.update({k: result[k] for k in keep if k in result})
+            write_live(layout, trial.config["trial_id"], live)
+
+
 class RecordResults(Callback):
     def __init__(self, root: str, data_dir: str) -> None:
         self.root, self.data_dir = root, data_dir
@@ -55,27 +101,6 @@ class RecordResults(Callback):
 
     def _layout(self) -> Layout:
         return Layout.at(self.root, self.data_dir)
-
-    def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        c = trial.config
-        self._live(c["trial_id"], {"trial_id": c["trial_id"], "candidate_id": c["candidate_id"], "kind": c["kind"],
-                                   "agent": c["agent"], "phase": "starting", "started": time.time()})
-        say(f"start {c['trial_id']} ({c['kind']}, agent {c['agent'] or '-'})")
-
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if result.get("phase") in ("starting", "train", "eval"):
-            path = self._layout().live / f"{trial.config['trial_id']}.json"
-            live = json.loads(path.read_text()) if path.exists() else {}
-            keep = ("step", "loss", "tok_s", "mfu", "progress", "training_seconds", "phase", "elapsed", "gpu",
-                    "node")
-            live.update({k: result[k] for k in keep if k in result})
-            self._live(trial.config["trial_id"], live)
-
-    def _live(self, trial_id: str, data: dict) -> None:
-        layout = self._layout()
-        layout.live.mkdir(parents=True, exist_ok=True)
-        # rewritten at every progress report, and only shown: not worth a flush to the disk each time
-        atomic_write(layout.live / f"{trial_id}.json", json.dumps(data), fsync=False)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         # Only the trial's own last report carries a row (its progress reports pass on the harness's numbers only)
@@ -107,7 +132,7 @@ class RecordResults(Callback):
         queue.finish(layout, trial_id)
         queue.push(layout, queue.Entry(**{k: config[k] for k in queue.Entry.__dataclass_fields__ if k in config}),
                    priority=queue.URGENT)
-        (layout.live / f"{trial_id}.json").unlink(missing_ok=True)
+        layout.live_file(trial_id).unlink(missing_ok=True)
         say(f"{trial_id} did not begin ({reason}): queued again")
         return True
 
@@ -127,7 +152,7 @@ class RecordResults(Callback):
         row = {key: config.get(key) for key in results.CONFIG_COLUMNS}
         row.update(status="interrupted", reason=reason,
                    submitted_at=results.from_unix(config.get("submitted_at")), finished_at=results.now())
-        row.update(self._where(config["trial_id"]))
+        row.update(where_it_ran(layout, config["trial_id"]))
         retry = config.get("attempt", 1) == 1
         self._finish(row, judge=not retry)
         if retry:
@@ -135,17 +160,6 @@ class RecordResults(Callback):
             entry.trial_id, entry.attempt = f"{config['trial_id']}{RETRY_SUFFIX}", 2
             queue.push(layout, entry, priority=queue.URGENT)
             say(f"{config['trial_id']} interrupted: queued again once as {entry.trial_id}")
-
-    def _where(self, trial_id: str) -> dict:
-        """Where and since when a trial ran, as its live file says (the node it reported, its GPU, its start):
-        an interrupted trial's row and its bar in the timeline name the node that was lost."""
-        try:
-            live = json.loads((self._layout().live / f"{trial_id}.json").read_text())
-        except (OSError, ValueError):
-            return {}
-        where = {"node": live.get("node"), "gpu_id": live.get("gpu"),
-                 "started_at": results.from_unix(live.get("started"))}
-        return {key: value for key, value in where.items() if value is not None}
 
     def _finish(self, row: dict, judge: bool = True) -> None:
         """Send the row to the selection actor (unless `judge` is False), write it, clear the trial's entries."""
@@ -159,7 +173,7 @@ class RecordResults(Callback):
         self.unwritten.append(row)
         self._write_rows(layout)
         queue.finish(layout, row["trial_id"])
-        (layout.live / f"{row['trial_id']}.json").unlink(missing_ok=True)
+        layout.live_file(row["trial_id"]).unlink(missing_ok=True)
         score = f"{row['val_bpc']:.4f} bpc" if row.get("val_bpc") is not None else row.get("reason", "")
         # the verdict, in the words `wait` and `results` use (pending, confirming, rejected, promoted)
         outcome = decision.get("verdict") or decision.get("decision")

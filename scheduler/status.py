@@ -93,7 +93,7 @@ def snapshot(layout: Layout) -> dict:
     alive = launch["state"] == presence.RUNNING
     running, interrupted = [], []
     for entry in queue.running(layout):
-        path = layout.live / f"{entry.trial_id}.json"
+        path = layout.live_file(entry.trial_id)
         live = json.loads(path.read_text()) if alive and path.exists() else {}
         trial = {"trial_id": entry.trial_id, "candidate_id": entry.candidate_id, "agent": entry.agent,
                  "kind": entry.kind, "description": entry.description}

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from scheduler import claims
 from scheduler.atomic import atomic_path
-from scheduler.earlystop import STOPPED_EARLY, Curve, EarlyStop
+from scheduler.earlystop import CURVE_WINDOWS, STOPPED_EARLY, Curve, EarlyStop
 from scheduler.results import CONFIG_COLUMNS
 from scheduler.prepare import META_FILE
 from scheduler.protocol import (EXIT_EXPORT, EXIT_NAN, EXPORT_TAG, FAIL_TAG, OUT_DIR, PROGRESS_TAG,
@@ -247,18 +247,22 @@ def start_process(cmd: list[str], cwd: Path, env: dict, waits_for_go: bool = Fal
 
 
 def await_process(proc: subprocess.Popen, log: OutputLog, report: Callable[[], None], mark: str,
-                  overdue: Callable[[], str | None], spare: int | None = None) -> tuple[int, str | None]:
+                  overdue: Callable[[], str | None], spare: int | None = None,
+                  look_every: float = REPORT_EVERY) -> tuple[int, str | None]:
     """Follow a started process to its end or until `overdue()` gives a reason to stop it; (exit code, that
     reason). Afterwards kill what it left, in its group and by marker, except the process `spare`.
-    `report` and `overdue` are called every REPORT_EVERY s."""
+    `overdue` is called every `look_every` s, `report` every REPORT_EVERY s."""
     log.follow(proc.stdout)
     stopped = None
+    reported = time.monotonic()
     while True:
         try:
-            proc.wait(timeout=REPORT_EVERY)
+            proc.wait(timeout=look_every)
             break
         except subprocess.TimeoutExpired:
-            report()
+            if time.monotonic() - reported >= REPORT_EVERY - 1e-3:
+                reported = time.monotonic()
+                report()
             stopped = overdue()
             if stopped:
                 kill_group(proc)
@@ -489,8 +493,10 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
     except Exception:
         kill_group(evaluation)
         raise
+    # the early-stop rule looks once a window at least (a CPU test's seconds budget has windows of 0.1 s)
     code, stopped = await_process(training, log, report_progress, env[MARK], spare=evaluation.pid,
-                                  overdue=lambda: clock.overdue(log.first_progress) or early.overdue(curve))
+                                  overdue=lambda: clock.overdue(log.first_progress) or early.overdue(curve),
+                                  look_every=min(REPORT_EVERY, config["budget"] / CURVE_WINDOWS))
     window = clock.window_seconds(log.first_progress)  # the sandbox is gone: nothing of the candidate runs now
     row["startup_seconds"] = clock.startup_seconds(log.first_progress)
     if not stopped:

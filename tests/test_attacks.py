@@ -893,11 +893,20 @@ def scored_as_honest(attacked: Attacked, attack: str) -> None:
     assert abs(row["val_bpc"] - honest(attacked)) <= SAME, (row["val_bpc"], honest(attacked))
 
 
+def in_private_tmp(attempt: dict) -> bool:
+    """A write that went through only into the sandbox's own /tmp: with the checkout itself under /tmp (as in a
+    CI clone there), the folders above the scheduler's package are the private tmpfs inside the sandbox, so a file
+    created there lands in memory that dies with the trial. The host's path must not have it."""
+    path = Path(attempt["detail"])
+    return attempt["ok"] and path.is_absolute() and path.parts[1:2] == ("tmp",) and not path.exists()
+
+
 def failed_attempts(attacked: Attacked, attack: str, expected: int) -> dict[str, dict]:
-    """Every attempt of the attack failed (none got through), and there were `expected` of them."""
+    """Every attempt of the attack failed (none got through, but into the sandbox's private /tmp), and there were
+    `expected` of them."""
     attempts = attacked.attempts(attack)
     assert len(attempts) == expected, attempts
-    assert not [a for a in attempts.values() if a["ok"]], attempts
+    assert not [a for a in attempts.values() if a["ok"] and not in_private_tmp(a)], attempts
     return attempts
 
 
@@ -1040,7 +1049,8 @@ def test_nothing_done_at_import_reaches_the_evaluation(attacked):
     for name in ("append to scheduler/evaluate.py", "create a .pth file in site-packages",
                  "create sitecustomize.py on the evaluation's PYTHONPATH", "append to the editable install's evaluate.py",
                  "create usercustomize.py in the user's site-packages"):
-        assert "Read-only file system" in attempts[name]["detail"], (name, attempts[name])
+        assert "Read-only file system" in attempts[name]["detail"] or in_private_tmp(attempts[name]), (name,
+                                                                                                      attempts[name])
     scored_as_honest(attacked, "tampers_with_the_evaluation")
 
 
