@@ -50,7 +50,9 @@ from scheduler.layout import baseline_id, sha256_bytes
 MODES = ("private", "seeded")
 DEFAULT_MODE = "private"          # today's behaviour: each sandbox compiles into its private /tmp
 INSIDE = Path("/tmp/compile-cache")  # where a trial's cache is bound: one path for all, as entries embed paths
-FOLDER = "compile-cache"          # under a trial's folder, beside (not in) the candidate's work folder
+FOLDER = "compile-cache"          # under a trial's folder, beside (not in) the candidate's work folder. Not a
+                                  # module name: the evaluation runs as `python -m` in the trial's folder (its
+                                  # sys.path[0]), and what the candidate writes here must not be importable
 SEEDS = "compile"                 # under the node's data cache, which the sandbox hides
 MAX_BYTES = 4 * 1024**3           # a cache is hostile input: what a copy reads at most
 MAX_FILES = 50_000                # files and folders a copy makes at most

@@ -206,6 +206,11 @@ def test_the_key_differs_per_baseline_and_gpu_and_is_a_safe_file_name():
     assert all(c.isalnum() or c in "-_." for c in odd) and odd.startswith("base-") and len(odd) < 200
 
 
+def test_the_trials_cache_folder_cannot_be_imported_by_the_evaluation():
+    """The evaluation runs `python -m` in the trial's folder, so that folder is its sys.path[0]."""
+    assert not compilecache.FOLDER.isidentifier() and compilecache.FOLDER != "work"
+
+
 def fake_bwrap(monkeypatch) -> None:
     monkeypatch.setattr(sandbox, "bwrap_path", lambda: "/fake/bwrap")  # the command is read, never run
 
