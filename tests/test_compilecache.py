@@ -293,3 +293,47 @@ print(json.dumps({{"seed": os.path.exists({str(seed)!r}), "seeds": os.path.exist
         assert tree(seed) == {"triton/seeded.txt": b"from the seed"}
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+MARKER = """
+import os as _os, pathlib as _pathlib
+_cache = _pathlib.Path(_os.environ["TORCHINDUCTOR_CACHE_DIR"])
+_mark = _cache / "mark.txt"
+print("SEEDED:", _mark.read_text() if _mark.exists() else "nothing")
+_cache.mkdir(parents=True, exist_ok=True)
+_mark.write_text(WHO)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not bwrap_works(), reason="no working bubblewrap on this machine")
+def test_run_trial_seals_with_the_control_run_and_seeds_the_candidate(tmp_path, data_dir, tiny_train_source,
+                                                                     monkeypatch):
+    """run_trial itself, without Ray (its reports collected), sandboxed on the CPU: the baseline's control run
+    writes a file into its compile cache and seals it; the candidate's run then finds that file in its own."""
+    from ray import tune
+
+    from scheduler.trial import run_trial
+
+    reports: list[dict] = []
+    monkeypatch.setattr(tune, "report", reports.append)
+    monkeypatch.setenv(DATA_CACHE_ENV, str(tmp_path / "node-cache"))
+    baseline = tiny_train_source + "\nWHO = 'the control run'\n" + MARKER
+    candidate = tiny_train_source + "\nWHO = 'the candidate'\n" + MARKER
+    common = {"agent": "a", "parent": "b", "description": "", "seed": 0, "sandbox": "bwrap", "root": str(tmp_path),
+              "data_dir": str(data_dir), "runs_dir": str(tmp_path / "runs"), "compile_cache": "seeded",
+              "data_sha256": json.loads((data_dir / "meta.json").read_text())["sha256"], "budget": 2.0,
+              "device": "cpu", "omp_threads": 1, "startup_allowance": 60.0, "eval_timeout": 120.0}
+    for trial, kind, source in (("b-c0", "control", baseline), ("c-r1", "candidate", candidate)):
+        config = {**trial_config(kind, source=source, baseline_source=baseline), **common, "trial_id": trial,
+                  "candidate_id": trial.split("-")[0]}
+        run_trial(config)
+        row = json.loads(reports[-1]["result_row"])
+        assert row["status"] == "ok", row["reason"]
+        assert not (tmp_path / "runs" / trial / compilecache.FOLDER).exists()
+    control_log, candidate_log = ((tmp_path / "runs" / t / "log.txt").read_text() for t in ("b-c0", "c-r1"))
+    seed = tmp_path / "node-cache" / compilecache.SEEDS / key(trial_config(baseline_source=baseline)["baseline"], "cpu")
+    assert "SEEDED: nothing" in control_log and f"compile cache: sealed seed {seed.name} (1 files" in control_log
+    assert f"compile cache: started from seed {seed.name} (1 files" in candidate_log
+    assert "SEEDED: the control run" in candidate_log
+    assert tree(seed) == {"torchinductor/mark.txt": b"the control run"}
