@@ -102,7 +102,7 @@ def cmd_launch(args, layout: Layout) -> int:
                          address=args.address, exit_when_idle=args.exit_when_idle, pretend_gpus=args.pretend_gpus,
                          device=args.device, dashboard=not args.no_dashboard, dashboard_host=args.dashboard_host,
                          startup_allowance=args.startup_allowance, sandbox=args.sandbox, rule=rule,
-                         git_commit=args.git_commit, early_stop=args.early_stop)
+                         git_commit=args.git_commit, early_stop=args.early_stop, compile_cache=args.compile_cache)
     try:
         return launch(opts)
     except (LaunchError, PrepareError) as error:
@@ -321,6 +321,7 @@ def cmd_report(args, layout: Layout) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from scheduler.compilecache import MODES as COMPILE_CACHE_MODES
     from scheduler.earlystop import EARLY_STOP_MODES
     from scheduler.launch import LaunchOptions  # the launch's and the rule's defaults are the options' defaults
     from scheduler.promotion import POLICIES, RuleConfig
@@ -359,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--early-stop", default=LaunchOptions.early_stop, choices=EARLY_STOP_MODES,
                    help="stop a candidate's first run whose loss curve runs far above the baseline's control runs' "
                         "(on), only record in its row when it would have been stopped (shadow), or neither (off)")
+    p.add_argument("--compile-cache", default=LaunchOptions.compile_cache, choices=COMPILE_CACHE_MODES,
+                   help="private (default): each sandboxed trial compiles from scratch; seeded: it starts from a "
+                        "copy of the compile cache its baseline's first ok control run left on this node "
+                        "(opt-in: the saving is not measured on a GPU yet)")
     p.add_argument("--promotion", default=RuleConfig.policy, choices=POLICIES,
                    help="noise-aware: confirm with reruns; greedy: promote any first score below the "
                         "baseline's best score (the original one-run rule)")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from scheduler import control, prepare, queue, results
+from scheduler.compilecache import DEFAULT_MODE as COMPILE_CACHE_DEFAULT, MODES as COMPILE_CACHE_MODES
 from scheduler.console import say
 from scheduler.earlystop import DEFAULT_MODE
 from scheduler.layout import Layout
@@ -54,6 +55,7 @@ class LaunchOptions:
     sandbox: str = "auto"            # auto | bwrap | none (scheduler/sandbox.py)
     eval_timeout: float = 600.0
     early_stop: str = DEFAULT_MODE   # off | shadow | on (scheduler/earlystop.py)
+    compile_cache: str = COMPILE_CACHE_DEFAULT  # private | seeded (scheduler/compilecache.py)
     rule: dict = field(default_factory=dict)
     git_commit: bool = False
 
@@ -155,6 +157,8 @@ def launch(opts: LaunchOptions) -> int:
         raise LaunchError(f"--device {opts.device!r}: use cuda or cpu")
     if opts.pretend_gpus and opts.device != "cpu":
         raise LaunchError("--pretend-gpus runs trials on the CPU: add --device cpu")
+    if opts.compile_cache not in COMPILE_CACHE_MODES:
+        raise LaunchError(f"--compile-cache {opts.compile_cache!r}: use {' or '.join(COMPILE_CACHE_MODES)}")
 
     local_gpus = None if opts.address or opts.pretend_gpus else choose_gpus(opts.gpus, count_gpus())
     from scheduler.sandbox import SandboxError, resolve
@@ -184,6 +188,10 @@ def _run(opts: LaunchOptions, layout: Layout, local_gpus: list[int] | None, sand
     if sandbox == "none":
         say("warning: --sandbox none: candidates run with your rights and can read the validation split, rewrite "
             "results/ and train.py, and reach the network; every row records sandbox=none")
+    if opts.compile_cache == "seeded":
+        say("--compile-cache seeded: trials start from their baseline's compile cache on their node"
+            if sandbox != "none" else "--compile-cache seeded does nothing with --sandbox none: unsandboxed trials "
+            "already share your user's compile cache")
     if not prepare.is_prepared(layout.data):
         say(f"no data in {layout.data}: downloading and checking enwik8 (once)")
         prepare.prepare(layout.data)
@@ -238,7 +246,7 @@ def _run(opts: LaunchOptions, layout: Layout, local_gpus: list[int] | None, sand
         data_sha256 = json.loads((layout.data / prepare.META_FILE).read_text())["sha256"]
         settings = {"budget": opts.budget, "device": opts.device, "startup_allowance": opts.startup_allowance,
                     "eval_timeout": opts.eval_timeout, "data_sha256": data_sha256, "sandbox": sandbox,
-                    "root": str(layout.root), "early_stop": opts.early_stop,
+                    "root": str(layout.root), "early_stop": opts.early_stop, "compile_cache": opts.compile_cache,
                     "omp_threads": max(1, (os.cpu_count() or 1) // max(1, n_gpus))}
         _signal_handlers(layout)
         tuner = tune.Tuner(

@@ -12,8 +12,9 @@ Inside, the process sees of the host's disk only the system folders
 (SYSTEM_FOLDERS: /usr, /etc, /opt, the /lib and /bin folders, /sys), read-only,
 and what it needs put back read-only: the scheduler package's folder, the
 Python environment's folders, and the train split. It can write its work
-folder (bound read-write at the path the trial gives) and a private /tmp and
-/dev/shm, and nothing else. So the launch root (results/, candidates/, the root
+folder (bound read-write at the path the trial gives), a private /tmp and
+/dev/shm, and what `binds` names (with `launch --compile-cache seeded`, the
+trial's own compile cache at /tmp/compile-cache), and nothing else. So the launch root (results/, candidates/, the root
 train.py, other trials' folders), the data folder but the train split (and, on
 a cluster's node that reads its data elsewhere, the node's data cache and the
 launch's data folder), the user's home (~/.ray, ~/.cache), Ray's temp folder, /run, /var, /srv, /mnt and
@@ -212,6 +213,9 @@ class Sandbox:
     binary: str | None = None            # the bwrap to run; None: bwrap_path()
     proc_root: Path = Path("/proc")      # where the driver's GPU list is read (a test gives a fake one)
     dev_root: Path = Path("/dev")        # where the GPU nodes are bound from
+    binds: tuple[tuple[Path, Path], ...] = ()  # (host folder, path inside) bound read-write: a trial's own compile
+                                         # cache (scheduler/compilecache.py); inside paths may lie in the private /tmp
+    env_overrides: tuple[tuple[str, str], ...] = ()  # replace or add to `env`'s additions (the caches' folders)
 
     @classmethod
     def for_trial(cls, work: Path, train_split: Path, root: Path, data: Path, ray_tmp: Path = RAY_TMP,
@@ -249,6 +253,10 @@ class Sandbox:
         for path in (*self.exposed, *self.readable):
             cmd += ["--ro-bind", str(path), str(path)]
         cmd += ["--bind", str(self.work), str(self.work)]
+        for host, inner in self.binds:  # after the tmpfs /tmp and the hidden folders' tmpfs: they would cover it
+            if not Path(inner).is_absolute():
+                raise SandboxError(f"a bind's path inside must be absolute, not {str(inner)!r}")
+            cmd += ["--bind", str(host), str(inner)]
         for folder in self.hidden:  # after the binds below them: their mount points are made in the tmpfs
             cmd += ["--remount-ro", str(folder)]
         cmd += ["--remount-ro", "/"]  # the new root is a tmpfs holding the mount points: read-only too
@@ -267,4 +275,4 @@ class Sandbox:
             # gives it, else by its index among those bound
             named = [uuid or str(i) for i, (_, uuid) in enumerate(gpus(self.gpu, self.proc_root))]
             env.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=",".join(named))
-        return env
+        return {**env, **dict(self.env_overrides)}

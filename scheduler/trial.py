@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from scheduler import claims
+from scheduler import claims, compilecache
 from scheduler.atomic import atomic_path
 from scheduler.earlystop import CURVE_WINDOWS, STOPPED_EARLY, Curve, EarlyStop
 from scheduler.results import CONFIG_COLUMNS
@@ -426,11 +426,13 @@ def ray_temp_folder() -> Path:
         return RAY_TMP
 
 
-def training_command(config: dict, work: Path, env: dict, launch_data: str) -> tuple[list[str], dict]:
+def training_command(config: dict, work: Path, env: dict, launch_data: str,
+                     cache: Path | None = None) -> tuple[list[str], dict]:
     """`python train.py` as the trial runs it: inside the sandbox unless the launch was told otherwise.
     `launch_data` is the launch's data folder: where this node reads its data from another (its own, or the
     cache), the launch's folder and the cache are hidden too, as the data folder is (each may hold the corpus's
-    validation split: a shared file system, an earlier fetch)."""
+    validation split: a shared file system, an earlier fetch). `cache`: the trial's compile-cache folder, bound
+    in the sandbox (`--compile-cache seeded`: scheduler/compilecache.py); None, the sandbox's private /tmp."""
     command = [sys.executable, "train.py"]
     if config["sandbox"] == "none":
         return command, env
@@ -439,7 +441,7 @@ def training_command(config: dict, work: Path, env: dict, launch_data: str) -> t
     box = Sandbox.for_trial(work=work, train_split=Path(config["data_dir"]) / "train.bin", root=Path(config["root"]),
                             data=Path(config["data_dir"]), ray_tmp=ray_temp_folder(),
                             gpu=env.get("CUDA_VISIBLE_DEVICES") if config["device"] == "cuda" else None,
-                            other_data=(Path(launch_data), data_cache()))
+                            other_data=(Path(launch_data), data_cache()), **compilecache.sandbox_options(cache))
     return box.command(command), {**env, **box.env}
 
 
@@ -476,6 +478,7 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
     # put them in the config); control runs and confirmation reruns are never stopped
     early = EarlyStop(config.get("early_stop", "off") if config["kind"] == "candidate" else "off",
                       config.get("reference_curves", {}).get(row["gpu_name"]), config["budget"])
+    cache = compilecache.start(config, folder, row["gpu_name"], log.note)  # None unless --compile-cache seeded
 
     def report_progress() -> None:
         if log.progress:
@@ -488,7 +491,7 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
     evaluation = start_process([*eval_cmd, "--wait"], folder, env, waits_for_go=True)
     clock = TrialClock(config["budget"], config["startup_allowance"])
     try:
-        command, training_env = training_command(config, work, env, launch_data)
+        command, training_env = training_command(config, work, env, launch_data, cache)
         training = start_process(command, work, training_env)
     except Exception:
         kill_group(evaluation)
@@ -543,6 +546,7 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
         eval_seconds=figures.get("eval_seconds"),
         finished_at=time.time(), total_seconds=round(time.time() - started, 1),
     )
+    compilecache.finish(config, cache, status, row["gpu_name"], log.note)  # seals the seed, removes the folder
     log.close()
     if real_folder(out_dir):  # scored: the weights are not needed again, and they are large
         try:

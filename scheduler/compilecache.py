@@ -1,0 +1,244 @@
+"""A trial's compile cache: private (default), or seeded per baseline (`launch --compile-cache seeded`).
+
+Why: every sandboxed trial compiles its model from scratch, as Inductor's and
+Triton's caches live in the sandbox's private /tmp. On an H200 that costs about
+20 s a trial (docs/design.md, "A trial's fixed cost"). Most candidates change a
+few lines of the baseline and compile much the same kernels.
+
+How, in `seeded` mode, for sandboxed trials only (unsandboxed ones already use
+the user's machine-wide cache), on the CPU too (nothing compiles there, but the
+mechanics run, so tests can exercise them):
+
+- Each trial gets a compile-cache folder of its own on the host,
+  `runs/TRIAL/compile-cache/` (beside, not in, the candidate's work folder),
+  bound read-write into the sandbox at INSIDE, the same path in every trial
+  (Inductor's cache entries may embed absolute paths); the sandbox's
+  TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR point below it.
+- The seed of a baseline lives on the node in `data_cache()/compile/KEY`, KEY
+  the baseline's id and the GPU's name: a folder the sandbox hides (the node's
+  data cache), so no trial sees or writes it.
+- Only a control run of the current baseline that ran the baseline's own
+  source seals a seed: when it ends `ok` and no seed exists, the trusted side
+  copies its cache there (into a temporary folder beside it, then a rename,
+  under a file lock). Every other trial starts with a copy of the seed, made
+  by the trusted side before its sandbox starts; what it writes there stays
+  its own and is removed when the trial ends.
+
+The copier treats a cache as hostile input (code in a sandbox wrote it): it
+walks by directory file descriptors without following links, copies only
+regular files and folders, skips links, devices, fifos and sockets, and gives
+up past MAX_BYTES, MAX_FILES or MAX_DEPTH; so a copy never reads anything
+outside the folder it copies. What a poisoned seed can reach is the training of
+later trials of that baseline on that node, never their scores: the
+evaluation runs no compiled code from these caches (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import stat
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scheduler.layout import baseline_id, sha256_bytes
+
+MODES = ("private", "seeded")
+DEFAULT_MODE = "private"          # today's behaviour: each sandbox compiles into its private /tmp
+INSIDE = Path("/tmp/compile-cache")  # where a trial's cache is bound: one path for all, as entries embed paths
+FOLDER = "compile-cache"          # under a trial's folder, beside (not in) the candidate's work folder. Not a
+                                  # module name: the evaluation runs as `python -m` in the trial's folder (its
+                                  # sys.path[0]), and what the candidate writes here must not be importable
+SEEDS = "compile"                 # under the node's data cache, which the sandbox hides
+MAX_BYTES = 4 * 1024**3           # a cache is hostile input: what a copy reads at most
+MAX_FILES = 50_000                # files and folders a copy makes at most
+MAX_DEPTH = 32                    # folder nesting a copy follows at most (no recursion error on a deep tree)
+CHUNK = 1 << 20
+NOTE = "compile cache: "          # the trial log's line
+
+
+class CopyRefused(Exception):
+    """A cache passed a cap: nothing of it is used."""
+
+
+@dataclass
+class Copied:
+    """What a copy made and what it left out."""
+
+    files: int = 0
+    folders: int = 0
+    size: int = 0
+    skipped: list[str] = field(default_factory=list)  # relative paths of links and special files, the first few
+
+    def take(self, size: int) -> None:
+        self.size += size
+        if self.size > MAX_BYTES or self.files + self.folders > MAX_FILES:
+            raise CopyRefused(f"over the cap of {MAX_BYTES:,} bytes or {MAX_FILES:,} files")
+
+    def summary(self) -> str:
+        left = f", {len(self.skipped)} links or special files skipped" if self.skipped else ""
+        return f"{self.files} files, {self.size / 1e6:.1f} MB{left}"
+
+
+def applies(config: dict) -> bool:
+    """Whether this trial uses a seeded cache: asked for, and sandboxed."""
+    return config.get("compile_cache", DEFAULT_MODE) == "seeded" and config["sandbox"] != "none"
+
+
+def key(baseline: str, gpu: str) -> str:
+    """The seed's folder name: the baseline's id and the GPU's name, file-name safe (a short hash of the
+    name keeps two names that differ only in unsafe characters apart)."""
+    def safe(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9.-]+", "_", text)[:64]
+
+    return f"{safe(baseline)}-{safe(gpu)}-{hashlib.sha256(gpu.encode()).hexdigest()[:8]}"
+
+
+def seed_folder(config: dict, gpu: str) -> Path:
+    from scheduler.trial import data_cache  # trial imports this module
+
+    return data_cache() / SEEDS / key(config["baseline"], gpu)
+
+
+def seals(config: dict) -> bool:
+    """Whether this trial may seal its baseline's seed: a control run of the current baseline that ran the
+    baseline's own source (its id names that sha256, and the source it ran hashes to it)."""
+    sha = config.get("source_sha256") or ""
+    return (config["kind"] == "control" and baseline_id(sha) == config["baseline"]
+            and sha256_bytes(config.get("source", "").encode("utf-8")) == sha)
+
+
+def env() -> dict[str, str]:
+    """The compilers' caches inside the bound folder."""
+    return {"TORCHINDUCTOR_CACHE_DIR": str(INSIDE / "torchinductor"), "TRITON_CACHE_DIR": str(INSIDE / "triton")}
+
+
+def sandbox_options(cache: Path | None) -> dict:
+    """What Sandbox.for_trial adds for a trial's cache folder; nothing for a private cache."""
+    if cache is None:
+        return {}
+    return {"binds": ((Path(os.path.abspath(cache)), INSIDE),), "env_overrides": tuple(env().items())}
+
+
+def copy_tree(source: Path, target: Path) -> Copied:
+    """Copy the folder `source` to `target` (which must not exist): regular files and folders only, never
+    through a link, within the caps. Raises CopyRefused past a cap (`target` is then removed), OSError
+    when `source` is not a real folder."""
+    copied = Copied()
+    fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        target.mkdir()
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        _copy_folder(fd, target, "", copied, 0)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    finally:
+        os.close(fd)
+    return copied
+
+
+def _copy_folder(fd: int, target: Path, prefix: str, copied: Copied, depth: int) -> None:
+    """The entries of the open folder `fd` into `target`; `prefix` is its path relative to the copy's start."""
+    if depth > MAX_DEPTH:
+        raise CopyRefused(f"folders nested deeper than {MAX_DEPTH} at {prefix!r}")
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            mode = entry.stat(follow_symlinks=False).st_mode  # lstat, relative to fd
+            if stat.S_ISDIR(mode):
+                copied.folders += 1
+                copied.take(0)
+                child = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                try:
+                    (target / entry.name).mkdir()
+                    _copy_folder(child, target / entry.name, f"{prefix}{entry.name}/", copied, depth + 1)
+                finally:
+                    os.close(child)
+            elif stat.S_ISREG(mode):
+                copied.files += 1
+                _copy_file(fd, entry.name, target / entry.name, copied)
+            elif len(copied.skipped) < 20:  # links, devices, fifos, sockets: never opened
+                copied.skipped.append(prefix + entry.name)
+
+
+def _copy_file(fd: int, name: str, target: Path, copied: Copied) -> None:
+    # O_NOFOLLOW and O_NONBLOCK: a link or fifo put in place since the lstat is neither followed nor waited on
+    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+    try:
+        info = os.fstat(src)
+        if not stat.S_ISREG(info.st_mode):
+            copied.files -= 1
+            copied.skipped.append(name)
+            return
+        copied.take(info.st_size)  # refused before reading
+        with open(src, "rb", closefd=False) as reader, open(target, "xb") as writer:
+            left = info.st_size
+            while left > 0 and (chunk := reader.read(min(CHUNK, left))):  # at most the size the cap counted
+                writer.write(chunk)
+                left -= len(chunk)
+        os.chmod(target, info.st_mode & 0o755)  # no setuid or setgid bits from a sandbox
+    finally:
+        os.close(src)
+
+
+def start(config: dict, folder: Path, gpu: str, note: Callable[[str], None]) -> Path | None:
+    """Before the sandbox starts: the trial's cache folder (None: a private cache, as without this module),
+    holding a copy of its baseline's seed where there is one. A seed that cannot be copied is noted and the
+    trial starts with an empty cache: the cache only saves time."""
+    if not applies(config):
+        return None
+    cache, seed = folder / FOLDER, seed_folder(config, gpu)
+    shutil.rmtree(cache, ignore_errors=True)
+    if not seed.is_dir():
+        cache.mkdir(parents=True)
+        note(f"{NOTE}no seed {seed.name} on this node: compiles from scratch"
+             + (" and seals the seed if it ends ok" if seals(config) else ""))
+        return cache
+    try:
+        copied = copy_tree(seed, cache)
+        note(f"{NOTE}started from seed {seed.name} ({copied.summary()})")
+    except (CopyRefused, OSError) as error:
+        shutil.rmtree(cache, ignore_errors=True)
+        cache.mkdir(parents=True)
+        note(f"{NOTE}seed {seed.name} not used ({error}): compiles from scratch; delete {seed} if it stays so")
+    return cache
+
+
+def finish(config: dict, cache: Path | None, status: str, gpu: str, note: Callable[[str], None]) -> None:
+    """After the sandbox is gone: seal the seed where this trial may and none exists yet, then remove the
+    trial's cache folder."""
+    if cache is None:
+        return
+    try:
+        seed = seed_folder(config, gpu)
+        if status == "ok" and seals(config) and not seed.exists():
+            note(f"{NOTE}{seal(cache, seed)}")
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def seal(cache: Path, seed: Path) -> str:
+    """Copy `cache` to `seed` atomically, once: into a temporary folder beside it, then renamed, under a file
+    lock; a seed that appeared meanwhile is kept and the copy dropped. Returns what happened, for the log."""
+    from filelock import FileLock
+
+    seed.parent.mkdir(parents=True, exist_ok=True)
+    staging = seed.parent / f".{seed.name}.{uuid.uuid4().hex}"
+    with FileLock(seed.parent / f".{seed.name}.lock"):
+        if seed.exists():
+            return f"seed {seed.name} already sealed by another trial: kept"
+        try:
+            copied = copy_tree(cache, staging)
+            os.rename(staging, seed)  # fails where a seed appeared past the lock (another tool): kept
+        except (CopyRefused, OSError) as error:
+            return f"seed {seed.name} not sealed: {error}"
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return f"sealed seed {seed.name} ({copied.summary()})"
