@@ -40,6 +40,7 @@ import os
 import re
 import shutil
 import stat
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ MAX_BYTES = 4 * 1024**3           # a cache is hostile input: what a copy reads 
 MAX_FILES = 50_000                # files and folders a copy makes at most
 MAX_DEPTH = 32                    # folder nesting a copy follows at most (no recursion error on a deep tree)
 CHUNK = 1 << 20
+KEEP_SEEDS = 4                    # seeds a node keeps (the newest): older baselines' would only fill the disk
+STALE_STAGING_S = 3600            # a staging folder this old was left by a seal that was killed mid-copy
 NOTE = "compile cache: "          # the trial log's line
 
 
@@ -241,4 +244,23 @@ def seal(cache: Path, seed: Path) -> str:
             return f"seed {seed.name} not sealed: {error}"
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return f"sealed seed {seed.name} ({copied.summary()})"
+    removed = prune(seed.parent, keep=seed.name)
+    return f"sealed seed {seed.name} ({copied.summary()})" + (f"; removed {', '.join(removed)}" if removed else "")
+
+
+def prune(seeds: Path, keep: str) -> list[str]:
+    """Remove all but the KEEP_SEEDS newest seeds in `seeds` (never `keep`, the one just sealed), and staging
+    folders of killed seals. A trial copying a seed removed under it compiles from scratch (start() notes it).
+    Returns the names removed."""
+    now, removed = time.time(), []
+    folders = [p for p in seeds.iterdir() if p.is_dir() and not p.is_symlink()]
+    for staging in (p for p in folders if p.name.startswith(".")):
+        if now - staging.stat().st_mtime > STALE_STAGING_S:
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging.name)
+    sealed = sorted((p for p in folders if not p.name.startswith(".") and p.name != keep),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in sealed[KEEP_SEEDS - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
+        removed.append(old.name)
+    return removed

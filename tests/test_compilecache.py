@@ -183,6 +183,32 @@ def test_sealing_is_atomic_and_once_when_two_trials_race(node):
     assert sorted(p.name for p in seed.parent.iterdir()) == sorted([seed.name, f".{seed.name}.lock"])
 
 
+def test_a_seal_keeps_the_newest_seeds_and_clears_what_killed_seals_left(node):
+    """Older baselines' seeds would only fill the node's disk: a seal keeps KEEP_SEEDS, the new one among them,
+    and removes the staging folders of seals killed mid-copy (old ones only: a fresh one may be in use)."""
+    seeds = node["seeds"]
+    seeds.mkdir(parents=True, exist_ok=True)
+    hour = compilecache.STALE_STAGING_S
+    for age in range(5):  # base-0 the newest
+        old = seeds / f"base-{age}-gpu"
+        old.mkdir()
+        stamp = os.stat(old).st_mtime - (age + 1) * hour
+        os.utime(old, (stamp, stamp))
+    killed, fresh = seeds / ".base-9-gpu.dead", seeds / ".base-8-gpu.busy"
+    killed.mkdir()
+    fresh.mkdir()
+    stamp = os.stat(killed).st_mtime - 2 * hour
+    os.utime(killed, (stamp, stamp))
+    source = node["tmp"] / "cache"
+    source.mkdir()
+    (source / "k").write_text("kernel")
+    said = seal(source, seeds / "base-new-gpu")
+    assert said.startswith("sealed seed base-new-gpu") and "removed" in said
+    left = sorted(p.name for p in seeds.iterdir() if p.is_dir())
+    assert left == sorted([".base-8-gpu.busy", "base-new-gpu"]
+                          + [f"base-{age}-gpu" for age in range(compilecache.KEEP_SEEDS - 1)])
+
+
 def test_a_candidates_writes_to_its_copy_never_reach_the_seed(node):
     config = trial_config("control")
     run(node, config, {"torchinductor/x.py": "kernel"})
