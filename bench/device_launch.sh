@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One launch on the lent GPU machine (the device tool), as docs/design.md's GPU figures of 2026-12-03 were taken:
+#
+#   ../shared/tools/device-bundle --with-corpus          # here, once: builds .device-bundle/ (carry it)
+#   BUDGET=60 CONTROLS=3 LIMIT=540 VARIANTS="lr_div10: LEARNING_RATE=2e-4 MUON_LEARNING_RATE=2e-4|nodrop: DROPOUT=0.0" \
+#       bash bench/device_launch.sh                     # there, as the device command; LAUNCH_ARGS adds launch flags
+#
+# Runs bench/scheduler_run.py with the variants (separated by |) and copies each trial's log into $OUT every 15 s,
+# so a call cut off by the device's time limit still brings back the curves recorded so far (a LIMIT below the
+# call's limit leaves time for the last copy and the rows). --prior-sigma 1 keeps every candidate from earning
+# reruns: the launch stays the size asked for. Replay the early-stop rule on the logs afterwards with
+# `python bench/early_stop_sim.py --logs DIR --budget BUDGET`.
+source .device-bundle/setup.sh || exit 1
+export PYTHONUNBUFFERED=1
+: "${OUT:?set OUT to the folder that comes back}"
+nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+python3 -m scheduler prepare --from data/proxy100m.bin | tail -1
+IFS='|' read -ra wanted <<< "${VARIANTS:-}"
+variants=()
+for v in "${wanted[@]}"; do [ -n "$v" ] && variants+=(--variant "$v"); done
+copy_logs() {
+    for trial in results/runs/*/; do
+        [ -f "$trial/log.txt" ] && cp "$trial/log.txt" "$OUT/$(basename "$trial").log"
+    done
+}
+( while true; do sleep 15; copy_logs; done ) &
+copier=$!
+# shellcheck disable=SC2086  # LAUNCH_ARGS is a list of flags
+timeout "${LIMIT:-540}" python3 bench/scheduler_run.py --budget "${BUDGET:-60}" "${variants[@]}" -- --no-dashboard \
+    --min-baseline-runs "${CONTROLS:-3}" --prior-sigma 1 ${LAUNCH_ARGS:-} > "$OUT/launch.txt" 2>&1
+echo "scheduler_run exited $?"
+kill "$copier"
+copy_logs
+cp -r results/trials "$OUT/trials" 2>/dev/null
+grep -v "FutureWarning\|return cls" "$OUT/launch.txt" | tail -30
