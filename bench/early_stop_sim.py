@@ -15,7 +15,7 @@ runs and the runs that made it the baseline; logs without rows: names matching -
 launch names control runs), at the same budget; each of those baseline runs is judged against the others, where
 they are enough for a reference (earlystop.MIN_CURVES), and any stop of one is a wrong stop.
 
-A stop is right when the candidate ended more than WRONG_SIGMAS σ worse than the baseline's mean (σ: the
+A stop is right when the candidate ended more than WRONG_STOP_SIGMAS σ worse than the baseline's mean (σ: the
 spread of the control runs' scores, at least --sigma); any other stop is a wrong stop. Bar (issue 22): no wrong
 stop, and at least 30% of the training time of candidates that ended more than 3σ worse saved.
 """
@@ -35,10 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scheduler.earlystop import Curve, Reference, at_budget, stop_window, window_end  # noqa: E402
+from scheduler.earlystop import WRONG_STOP_SIGMAS, Curve, Reference, at_budget, stop_window, window_end  # noqa: E402
 from scheduler.protocol import PROGRESS_TAG  # noqa: E402
 
-WRONG_SIGMAS = 3.0     # a candidate more than this many σ worse than the baseline is one the rule should stop
 SAVED_BAR = 0.30       # issue 22: at least this share of those candidates' training time saved ...
 WRONG_BAR = 0          # ... and no wrong stop
 PRIOR_SIGMA = 0.004    # bpc: the promotion rule's prior (--prior-sigma), the least σ taken with few control runs
@@ -154,7 +153,7 @@ def simulate(runs: list[Run], min_sigma: float) -> dict:
             reference = Reference.of([c.curve for c in controls if c is not run])
             index = stop_window(run.curve, reference)
             worse = (run.val_bpc - mean) / sigma
-            bad = not baseline_run and worse > WRONG_SIGMAS
+            bad = not baseline_run and worse > WRONG_STOP_SIGMAS
             wrong = index is not None and not bad
             totals["curves"] += 1
             totals["bad"] += bad
@@ -169,7 +168,7 @@ def simulate(runs: list[Run], min_sigma: float) -> dict:
             lines.append(f"  {run.name:<40} {label:<9} {run.val_bpc:.4f} ({worse:+.1f} σ) {stop}{verdict}")
     saved = totals["saved_seconds"] / totals["bad_seconds"] if totals["bad_seconds"] else math.nan
     lines.append(f"{totals['curves']} curves judged, {totals['stopped']} stopped; {totals['bad']} candidates ended "
-                 f"more than {WRONG_SIGMAS:.0f} σ worse: {100 * saved:.0f}% of their training time saved "
+                 f"more than {WRONG_STOP_SIGMAS:.0f} σ worse: {100 * saved:.0f}% of their training time saved "
                  f"(bar {100 * SAVED_BAR:.0f}%); {totals['wrong']} wrong stops (bar {WRONG_BAR})")
     return {**totals, "saved_share": saved, "lines": lines}
 

@@ -39,7 +39,7 @@ from matplotlib.text import Text
 from matplotlib.transforms import Bbox
 
 from scheduler.custody import diff_size
-from scheduler.earlystop import STOPPED_EARLY
+from scheduler.earlystop import STOPPED_EARLY, WRONG_STOP_SIGMAS
 from scheduler.layout import SELECTION_STATE
 from scheduler.results import STATUSES, read_lineage, read_rows, read_trials, test_scores
 from scheduler.selection import saved_rule
@@ -56,7 +56,6 @@ LABEL_CHARS = 40  # promotion labels and table descriptions are cut to this
 LABEL_SPOTS = tuple((dx, dy) for dy in (-24, -46, -68, -90) for dx in (-6, 6)) + ((-6, 26), (6, 26), (-6, 48), (6, 48))
 STAR_PX = 12  # half the size of a star, in pixels, that labels keep clear of
 NEAR_MISSES = 10
-WRONG_STOP_SIGMAS = 3.0  # a would-be stop of a run that ended within this many σ of the baseline, or better, was wrong
 DOT_AREA = 4000  # a first run's dot is this area (pt^2) shared among the scored runs, within [16, 70]
 CLIP_PERCENTILE = 95  # the y-axis ends a margin above this percentile of scores
 CLIP_MARGIN = 0.3  # of the robust range (lowest score .. percentile)

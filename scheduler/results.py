@@ -244,6 +244,15 @@ def has_row(results: Path, trial_id: str) -> bool:
     return (trials_dir(results) / f"{trial_id}.parquet").exists()
 
 
+def rows_version(results: Path) -> int:
+    """Changes whenever a row is written (the trials folder's modification time, in ns; 0 before the first): a
+    reader that keeps what it made of the rows knows when to read them again."""
+    try:
+        return trials_dir(results).stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0
+
+
 def read_trials(results: Path) -> pd.DataFrame:
     """All rows, oldest first. A damaged file is skipped with a warning that names it."""
     return _read_all(trials_dir(results), _TRIAL_COLUMNS, "finished_at")

@@ -165,6 +165,13 @@ def test_the_searcher_gives_a_candidates_first_run_the_curves_of_the_baselines_r
         judged[kind] = searcher._config(layout, entry, "b", BASELINE_SHA).get("reference_curves")
     expected = {"NVIDIA H200": curves} if mode != "off" else None
     assert judged == {"candidate": expected, "confirm": None, "control": None}
+    if mode == "off":
+        return
+    # a control run that finishes later is a reference for the next candidate (the searcher reads the rows again)
+    results.write_row(layout.results, {**control_row(falling(3.0, 0.9)), "trial_id": "b-c9", "candidate_id": "b"})
+    entry = queue.Entry(trial_id="f-r1", candidate_id="f", kind="candidate", source_sha256="e" * 64)
+    later = searcher._config(layout, entry, "b", BASELINE_SHA)["reference_curves"]["NVIDIA H200"]
+    assert len(later) == MIN_CURVES + 1 and falling(3.0, 0.9) in later
 
 
 @pytest.mark.slow
