@@ -1,36 +1,38 @@
-"""A trial's compile cache: private (default), or seeded per baseline (`launch --compile-cache seeded`).
+"""A trial's compile cache: own (default), seeded, or private (`launch --compile-cache`).
 
-Why: every sandboxed trial compiles its model from scratch, as Inductor's and
-Triton's caches live in the sandbox's private /tmp. On an H200 that costs about
-20 s a trial (docs/design.md, "A trial's fixed cost"). Most candidates change a
-few lines of the baseline and compile much the same kernels.
+Why: every sandboxed trial would compile its model from scratch, as Inductor's
+and Triton's caches live in the sandbox's private /tmp. On an H200 that costs
+about 20 s a trial (docs/design.md, "A trial's fixed cost").
 
-How, in `seeded` mode, for sandboxed trials only (unsandboxed ones already use
-the user's machine-wide cache), on the CPU too (nothing compiles there, but the
-mechanics run, so tests can exercise them):
+How, for sandboxed trials only (unsandboxed ones already use the user's
+machine-wide cache), on the CPU too (nothing compiles there, but the mechanics
+run, so tests can exercise them):
 
 - Each trial gets a compile-cache folder of its own on the host,
   `runs/TRIAL/compile-cache/` (beside, not in, the candidate's work folder),
   bound read-write into the sandbox at INSIDE, the same path in every trial
   (Inductor's cache entries may embed absolute paths); the sandbox's
   TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR point below it.
-- The seed of a baseline lives on the node in `data_cache()/compile/KEY`, KEY
-  the baseline's id and the GPU's name: a folder the sandbox hides (the node's
-  data cache), so no trial sees or writes it.
-- Only a control run of the current baseline that ran the baseline's own
-  source seals a seed: when it ends `ok` and no seed exists, the trusted side
-  copies its cache there (into a temporary folder beside it, then a rename,
-  under a file lock). Every other trial starts with a copy of the seed, made
-  by the trusted side before its sandbox starts; what it writes there stays
-  its own and is removed when the trial ends.
+- A seed is the cache a source left: it lives on the node in
+  `data_cache()/compile/KEY`, KEY the source's short id (`base-` and its
+  sha256's first 12 digits, as a baseline's id) and the GPU's name, in a folder
+  the sandbox hides (the node's data cache), so no trial sees or writes it.
+- A trial that ends `ok` seals the seed of the source it ran (hashed here, by
+  the trusted side) where none exists: the trusted side copies its cache there
+  (into a temporary folder beside it, then a rename, under a file lock).
+- `own`: a trial starts from a copy of its own source's seed: reruns and
+  control runs start warm, and no code reaches a trial that its own source did
+  not write. `seeded`: a trial whose source has no seed yet starts from its
+  baseline's seed instead: first runs of candidates start warm too, and the
+  promoted baseline's compiler output runs in its candidates' training (opt-in:
+  docs/reliability.md). `private`: nothing is shared.
 
 The copier treats a cache as hostile input (code in a sandbox wrote it): it
 walks by directory file descriptors without following links, copies only
 regular files and folders, skips links, devices, fifos and sockets, and gives
 up past MAX_BYTES, MAX_FILES or MAX_DEPTH; so a copy never reads anything
-outside the folder it copies. What a poisoned seed can reach is the training of
-later trials of that baseline on that node, never their scores: the
-evaluation runs no compiled code from these caches (docs/reliability.md).
+outside the folder it copies. The evaluation runs no compiled code from these
+caches: a seed never reaches a score.
 """
 
 from __future__ import annotations
@@ -48,18 +50,19 @@ from pathlib import Path
 
 from scheduler.layout import baseline_id, sha256_bytes
 
-MODES = ("private", "seeded")
-DEFAULT_MODE = "private"          # today's behaviour: each sandbox compiles into its private /tmp
+MODES = ("own", "seeded", "private")
+DEFAULT_MODE = "own"              # shares nothing between sources: what a trial runs, its own source wrote
 INSIDE = Path("/tmp/compile-cache")  # where a trial's cache is bound: one path for all, as entries embed paths
 FOLDER = "compile-cache"          # under a trial's folder, beside (not in) the candidate's work folder. Not a
                                   # module name: the evaluation runs as `python -m` in the trial's folder (its
                                   # sys.path[0]), and what the candidate writes here must not be importable
 SEEDS = "compile"                 # under the node's data cache, which the sandbox hides
-MAX_BYTES = 4 * 1024**3           # a cache is hostile input: what a copy reads at most
+MAX_BYTES = 1024**3               # a cache is hostile input: what a copy reads at most (the baseline's: 26 MB)
 MAX_FILES = 50_000                # files and folders a copy makes at most
 MAX_DEPTH = 32                    # folder nesting a copy follows at most (no recursion error on a deep tree)
 CHUNK = 1 << 20
-KEEP_SEEDS = 4                    # seeds a node keeps (the newest): older baselines' would only fill the disk
+KEEP_SEEDS = 8                    # seeds a node keeps, the last used: a source's reruns come soon after its
+                                  # first run, and older sources' seeds would only fill the disk
 STALE_STAGING_S = 3600            # a staging folder this old was left by a seal that was killed mid-copy
 NOTE = "compile cache: "          # the trial log's line
 
@@ -88,31 +91,37 @@ class Copied:
 
 
 def applies(config: dict) -> bool:
-    """Whether this trial uses a seeded cache: asked for, and sandboxed."""
-    return config.get("compile_cache", DEFAULT_MODE) == "seeded" and config["sandbox"] != "none"
+    """Whether this trial's cache is bound from the host (own or seeded), not its sandbox's private /tmp."""
+    return config.get("compile_cache", DEFAULT_MODE) != "private" and config["sandbox"] != "none"
 
 
-def key(baseline: str, gpu: str) -> str:
-    """The seed's folder name: the baseline's id and the GPU's name, file-name safe (a short hash of the
+def key(source_id: str, gpu: str) -> str:
+    """A seed's folder name: the source's short id and the GPU's name, file-name safe (a short hash of the
     name keeps two names that differ only in unsafe characters apart)."""
     def safe(text: str) -> str:
         return re.sub(r"[^A-Za-z0-9.-]+", "_", text)[:64]
 
-    return f"{safe(baseline)}-{safe(gpu)}-{hashlib.sha256(gpu.encode()).hexdigest()[:8]}"
+    return f"{safe(source_id)}-{safe(gpu)}-{hashlib.sha256(gpu.encode()).hexdigest()[:8]}"
 
 
-def seed_folder(config: dict, gpu: str) -> Path:
+def seed_root() -> Path:
     from scheduler.trial import data_cache  # trial imports this module
 
-    return data_cache() / SEEDS / key(config["baseline"], gpu)
+    return data_cache() / SEEDS
 
 
-def seals(config: dict) -> bool:
-    """Whether this trial may seal its baseline's seed: a control run of the current baseline that ran the
-    baseline's own source (its id names that sha256, and the source it ran hashes to it)."""
-    sha = config.get("source_sha256") or ""
-    return (config["kind"] == "control" and baseline_id(sha) == config["baseline"]
-            and sha256_bytes(config.get("source", "").encode("utf-8")) == sha)
+def own_seed(config: dict, gpu: str) -> Path:
+    """The seed of the source this trial runs, hashed here: never what the config claims it is."""
+    return seed_root() / key(baseline_id(sha256_bytes(config["source"].encode("utf-8"))), gpu)
+
+
+def seed_choices(config: dict, gpu: str) -> list[Path]:
+    """The seeds a trial may start from, the first that exists taken: its own source's, and with `seeded`
+    its baseline's after it."""
+    own = own_seed(config, gpu)
+    if config.get("compile_cache", DEFAULT_MODE) != "seeded":
+        return [own]
+    return list(dict.fromkeys([own, seed_root() / key(config["baseline"], gpu)]))
 
 
 def env() -> dict[str, str]:
@@ -193,19 +202,21 @@ def _copy_file(fd: int, name: str, target: Path, copied: Copied) -> None:
 
 def start(config: dict, folder: Path, gpu: str, note: Callable[[str], None]) -> Path | None:
     """Before the sandbox starts: the trial's cache folder (None: a private cache, as without this module),
-    holding a copy of its baseline's seed where there is one. A seed that cannot be copied is noted and the
-    trial starts with an empty cache: the cache only saves time."""
+    holding a copy of a seed where there is one. A seed that cannot be copied is noted and the trial starts
+    with an empty cache: the cache only saves time."""
     if not applies(config):
         return None
-    cache, seed = folder / FOLDER, seed_folder(config, gpu)
+    cache = folder / FOLDER
     shutil.rmtree(cache, ignore_errors=True)
-    if not seed.is_dir():
+    seed = next((s for s in seed_choices(config, gpu) if s.is_dir()), None)
+    if seed is None:
         cache.mkdir(parents=True)
-        note(f"{NOTE}no seed {seed.name} on this node: compiles from scratch"
-             + (" and seals the seed if it ends ok" if seals(config) else ""))
+        note(f"{NOTE}no seed of this source on this node: compiles from scratch and seals "
+             f"{own_seed(config, gpu).name} if it ends ok")
         return cache
     try:
         copied = copy_tree(seed, cache)
+        os.utime(seed, follow_symlinks=False)  # the last used are kept (prune)
         note(f"{NOTE}started from seed {seed.name} ({copied.summary()})")
     except (CopyRefused, OSError) as error:
         shutil.rmtree(cache, ignore_errors=True)
@@ -215,13 +226,13 @@ def start(config: dict, folder: Path, gpu: str, note: Callable[[str], None]) -> 
 
 
 def finish(config: dict, cache: Path | None, status: str, gpu: str, note: Callable[[str], None]) -> None:
-    """After the sandbox is gone: seal the seed where this trial may and none exists yet, then remove the
-    trial's cache folder."""
+    """After the sandbox is gone: seal the seed of the source this trial ran where it ended ok and none
+    exists yet, then remove the trial's cache folder."""
     if cache is None:
         return
     try:
-        seed = seed_folder(config, gpu)
-        if status == "ok" and seals(config) and not seed.exists():
+        seed = own_seed(config, gpu)
+        if status == "ok" and not seed.exists():
             note(f"{NOTE}{seal(cache, seed)}")
     finally:
         shutil.rmtree(cache, ignore_errors=True)
@@ -249,7 +260,7 @@ def seal(cache: Path, seed: Path) -> str:
 
 
 def prune(seeds: Path, keep: str) -> list[str]:
-    """Remove all but the KEEP_SEEDS newest seeds in `seeds` (never `keep`, the one just sealed), and staging
+    """Remove all but the KEEP_SEEDS last used seeds in `seeds` (never `keep`, the one just sealed), and staging
     folders of killed seals. A trial copying a seed removed under it compiles from scratch (start() notes it).
     Returns the names removed."""
     now, removed = time.time(), []

@@ -55,7 +55,7 @@ class LaunchOptions:
     sandbox: str = "auto"            # auto | bwrap | none (scheduler/sandbox.py)
     eval_timeout: float = 600.0
     early_stop: str = DEFAULT_MODE   # off | shadow | on (scheduler/earlystop.py)
-    compile_cache: str = COMPILE_CACHE_DEFAULT  # private | seeded (scheduler/compilecache.py)
+    compile_cache: str = COMPILE_CACHE_DEFAULT  # own | seeded | private (scheduler/compilecache.py)
     rule: dict = field(default_factory=dict)
     git_commit: bool = False
 
@@ -158,7 +158,7 @@ def launch(opts: LaunchOptions) -> int:
     if opts.pretend_gpus and opts.device != "cpu":
         raise LaunchError("--pretend-gpus runs trials on the CPU: add --device cpu")
     if opts.compile_cache not in COMPILE_CACHE_MODES:
-        raise LaunchError(f"--compile-cache {opts.compile_cache!r}: use {' or '.join(COMPILE_CACHE_MODES)}")
+        raise LaunchError(f"--compile-cache {opts.compile_cache!r}: use one of {', '.join(COMPILE_CACHE_MODES)}")
 
     local_gpus = None if opts.address or opts.pretend_gpus else choose_gpus(opts.gpus, count_gpus())
     from scheduler.sandbox import SandboxError, resolve
@@ -189,7 +189,8 @@ def _run(opts: LaunchOptions, layout: Layout, local_gpus: list[int] | None, sand
         say("warning: --sandbox none: candidates run with your rights and can read the validation split, rewrite "
             "results/ and train.py, and reach the network; every row records sandbox=none")
     if opts.compile_cache == "seeded":
-        say("--compile-cache seeded: trials start from their baseline's compile cache on their node"
+        say("--compile-cache seeded: a candidate's first run starts from its baseline's compile cache on its node "
+            "(the baseline's compiler output runs in its training: docs/reliability.md)"
             if sandbox != "none" else "--compile-cache seeded does nothing with --sandbox none: unsandboxed trials "
             "already share your user's compile cache")
     if not prepare.is_prepared(layout.data):

@@ -432,7 +432,7 @@ def training_command(config: dict, work: Path, env: dict, launch_data: str,
     `launch_data` is the launch's data folder: where this node reads its data from another (its own, or the
     cache), the launch's folder and the cache are hidden too, as the data folder is (each may hold the corpus's
     validation split: a shared file system, an earlier fetch). `cache`: the trial's compile-cache folder, bound
-    in the sandbox (`--compile-cache seeded`: scheduler/compilecache.py); None, the sandbox's private /tmp."""
+    in the sandbox (scheduler/compilecache.py); None, the sandbox's private /tmp."""
     command = [sys.executable, "train.py"]
     if config["sandbox"] == "none":
         return command, env
@@ -478,7 +478,7 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
     # put them in the config); control runs and confirmation reruns are never stopped
     early = EarlyStop(config.get("early_stop", "off") if config["kind"] == "candidate" else "off",
                       config.get("reference_curves", {}).get(row["gpu_name"]), config["budget"])
-    cache = compilecache.start(config, folder, row["gpu_name"], log.note)  # None unless --compile-cache seeded
+    cache = compilecache.start(config, folder, row["gpu_name"], log.note)  # None: --compile-cache private, or unsandboxed
 
     def report_progress() -> None:
         if log.progress:
@@ -546,7 +546,7 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
         eval_seconds=figures.get("eval_seconds"),
         finished_at=time.time(), total_seconds=round(time.time() - started, 1),
     )
-    compilecache.finish(config, cache, status, row["gpu_name"], log.note)  # seals the seed, removes the folder
+    compilecache.finish(config, cache, status, row["gpu_name"], log.note)  # seals its source's seed, removes the folder
     log.close()
     if real_folder(out_dir):  # scored: the weights are not needed again, and they are large
         try:

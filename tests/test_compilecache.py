@@ -1,12 +1,14 @@
-"""The seeded compile cache (scheduler/compilecache.py, `launch --compile-cache seeded`).
+"""The compile cache's seeds (scheduler/compilecache.py, `launch --compile-cache own|seeded|private`).
 
 A seed is written by code that ran in a sandbox, so the copier is tried as an
 attack: links out of the seed (to a "val.bin"), special files, oversized
-caches. Then who may seal a seed (a control run of the baseline's own source
-that ended ok, once, atomically), that a candidate's writes stay its own, the
-seed's key, the sandbox's command and environment, and that the default
-(`private`) leaves both as they were. No Ray, no training; one test runs a real
-bwrap and is skipped where none works.
+caches. Then which seed a run seals (its own source's, hashed by the trusted
+side, when it ends ok, once, atomically), which seeds a trial starts from (with
+`own`, the default, never one another source wrote: a candidate that poisons its
+cache reaches only its own reruns), that a trial's writes stay its own, the
+seed's key, the sandbox's command and environment, and that `private` leaves
+both as they were. No Ray, no training; one test runs a real bwrap and is
+skipped where none works.
 """
 
 from __future__ import annotations
@@ -34,11 +36,20 @@ SOURCE = "def build_model(): ...\n"
 GPU = "NVIDIA H200"
 
 
-def trial_config(kind: str = "candidate", source: str = SOURCE, baseline_source: str = SOURCE, **more) -> dict:
+OTHER = "def build_model(): return 2\n"
+THIRD = "def build_model(): return 3\n"
+
+
+def trial_config(kind: str = "candidate", source: str = SOURCE, baseline_source: str = SOURCE, mode: str = "own",
+                 **more) -> dict:
     """A trial's config as the searcher builds it, as far as the compile cache reads it."""
     return {"kind": kind, "source": source, "source_sha256": sha256_bytes(source.encode()),
             "baseline": baseline_id(sha256_bytes(baseline_source.encode())), "sandbox": "bwrap",
-            "compile_cache": "seeded", "device": "cpu", **more}
+            "compile_cache": mode, "device": "cpu", **more}
+
+
+def seed_of(node: dict, source: str) -> Path:
+    return node["seeds"] / key(baseline_id(sha256_bytes(source.encode())), GPU)
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -138,27 +149,52 @@ def test_a_cap_refuses_an_oversized_cache_and_it_is_not_sealed(node, monkeypatch
     assert [p.name for p in node["seeds"].iterdir()] == [f".{key(control['baseline'], GPU)}.lock"]  # no staging
 
 
-def test_only_an_ok_control_run_of_the_baselines_own_source_seals_once(node):
-    seed = node["seeds"] / key(trial_config()["baseline"], GPU)
-    other = "def build_model(): return 2\n"
-    not_sealers = [(trial_config("candidate", source=other), "ok"), (trial_config("confirm", source=other), "ok"),
-                   (trial_config("control"), "crash"), (trial_config("control"), "timeout"),
-                   # a control run of an old baseline, run after a promotion: its source is not the baseline's
-                   (trial_config("control", source=other), "ok"),
-                   # a source that is not the one its sha256 names
-                   ({**trial_config("control"), "source": other}, "ok")]
-    for config, status in not_sealers:
-        cache = run(node, config, {"torchinductor/x.py": "poison"}, status)
+def test_an_ok_run_seals_the_seed_of_the_source_it_ran_once(node):
+    seed = seed_of(node, SOURCE)
+    for status in ("crash", "timeout", "stopped_early", "interrupted"):
+        cache = run(node, trial_config("control"), {"torchinductor/x.py": "poison"}, status)
         assert not seed.exists() and not cache.exists()
-    assert len(node["notes"]) == len(not_sealers) and all("compiles from scratch" in n for n in node["notes"])
+    # a config whose sha256 names the baseline's source, running another: sealed as what it ran, if anything
+    run(node, {**trial_config("control"), "source": OTHER}, {"torchinductor/x.py": "other's"})
+    assert not seed.exists() and tree(seed_of(node, OTHER)) == {"torchinductor/x.py": b"other's"}
+    assert all("compiles from scratch" in n for n in node["notes"][:5])
     run(node, trial_config("control"), {"torchinductor/x.py": "kernel", "triton/k.so": "so"})
     assert tree(seed) == {"torchinductor/x.py": b"kernel", "triton/k.so": b"so"}
-    assert node["notes"][-2].endswith("and seals the seed if it ends ok")
+    assert node["notes"][-2].endswith(f"compiles from scratch and seals {seed.name} if it ends ok")
     assert node["notes"][-1].startswith(f"compile cache: sealed seed {seed.name} (2 files")
-    cache = run(node, trial_config("control"), {"torchinductor/x.py": "a later control run's"})
+    old = os.stat(seed).st_mtime - 3600
+    os.utime(seed, (old, old))
+    cache = run(node, trial_config("confirm"), {"torchinductor/x.py": "a later run's"})
     assert node["notes"][-1].startswith(f"compile cache: started from seed {seed.name} (2 files")
     assert (seed / "torchinductor" / "x.py").read_text() == "kernel" and not cache.exists()
-    assert sorted(p.name for p in seed.parent.iterdir()) == sorted([seed.name, f".{seed.name}.lock"])
+    assert os.stat(seed).st_mtime > old + 60  # used now: the last to be pruned
+    assert not [p for p in seed.parent.iterdir() if p.is_dir() and p.name.startswith(".")]  # no staging left
+
+
+def test_own_mode_never_runs_what_another_source_wrote(node):
+    """The attack: a candidate's first run plants code in its compile cache and ends ok. With `own` (the
+    default) that code reaches its own reruns only: not the baseline's control runs, not other candidates."""
+    run(node, trial_config("candidate", source=OTHER), {"torchinductor/planted.py": "poison"})
+    assert tree(seed_of(node, OTHER)) == {"torchinductor/planted.py": b"poison"}
+    for config in (trial_config("control"), trial_config("candidate", source=THIRD),
+                   trial_config("candidate", source=THIRD, baseline_source=OTHER)):  # even with OTHER promoted
+        cache = start(config, node["folder"], GPU, node["notes"].append)
+        assert list(cache.iterdir()) == [] and "compiles from scratch" in node["notes"][-1]
+        finish(config, cache, "crash", GPU, node["notes"].append)
+    cache = start(trial_config("confirm", source=OTHER), node["folder"], GPU, node["notes"].append)
+    assert (cache / "torchinductor" / "planted.py").read_text() == "poison"  # its own rerun: what it wrote
+
+
+def test_seeded_mode_starts_a_first_run_from_its_baselines_seed_and_seals_its_own(node):
+    run(node, trial_config("control"), {"torchinductor/x.py": "baseline's"})
+    first = trial_config("candidate", source=OTHER, mode="seeded")
+    cache = run(node, first, {"torchinductor/y.py": "candidate's"})
+    assert node["notes"][-2].startswith(f"compile cache: started from seed {seed_of(node, SOURCE).name}")
+    assert tree(seed_of(node, OTHER)) == {"torchinductor/x.py": b"baseline's", "torchinductor/y.py": b"candidate's"}
+    cache = start({**first, "kind": "confirm"}, node["folder"], GPU, node["notes"].append)
+    assert node["notes"][-1].startswith(f"compile cache: started from seed {seed_of(node, OTHER).name}")
+    assert (cache / "torchinductor" / "y.py").exists()
+    assert tree(seed_of(node, SOURCE)) == {"torchinductor/x.py": b"baseline's"}
 
 
 def test_sealing_is_atomic_and_once_when_two_trials_race(node):
@@ -183,13 +219,13 @@ def test_sealing_is_atomic_and_once_when_two_trials_race(node):
     assert sorted(p.name for p in seed.parent.iterdir()) == sorted([seed.name, f".{seed.name}.lock"])
 
 
-def test_a_seal_keeps_the_newest_seeds_and_clears_what_killed_seals_left(node):
-    """Older baselines' seeds would only fill the node's disk: a seal keeps KEEP_SEEDS, the new one among them,
+def test_a_seal_keeps_the_last_used_seeds_and_clears_what_killed_seals_left(node):
+    """Older sources' seeds would only fill the node's disk: a seal keeps KEEP_SEEDS, the new one among them,
     and removes the staging folders of seals killed mid-copy (old ones only: a fresh one may be in use)."""
     seeds = node["seeds"]
     seeds.mkdir(parents=True, exist_ok=True)
     hour = compilecache.STALE_STAGING_S
-    for age in range(5):  # base-0 the newest
+    for age in range(compilecache.KEEP_SEEDS + 1):  # base-0 the last used
         old = seeds / f"base-{age}-gpu"
         old.mkdir()
         stamp = os.stat(old).st_mtime - (age + 1) * hour
@@ -212,16 +248,17 @@ def test_a_seal_keeps_the_newest_seeds_and_clears_what_killed_seals_left(node):
 def test_a_candidates_writes_to_its_copy_never_reach_the_seed(node):
     config = trial_config("control")
     run(node, config, {"torchinductor/x.py": "kernel"})
-    seed = node["seeds"] / key(config["baseline"], GPU)
+    seed = seed_of(node, SOURCE)
     before = tree(seed)
-    cache = start(trial_config("candidate", source="def build_model(): return 3\n"), node["folder"], GPU,
-                  node["notes"].append)
+    candidate = trial_config("candidate", source=THIRD, mode="seeded")
+    cache = start(candidate, node["folder"], GPU, node["notes"].append)
     assert (cache / "torchinductor" / "x.py").read_text() == "kernel"
     (cache / "torchinductor" / "x.py").write_text("poisoned")     # rewrite the copy of a seeded file
     (cache / "torchinductor" / "planted.py").write_text("poisoned")
     (cache / "val.bin").symlink_to("/etc/hostname")
-    finish(trial_config("candidate"), cache, "ok", GPU, node["notes"].append)
+    finish(candidate, cache, "ok", GPU, node["notes"].append)
     assert tree(seed) == before and not cache.exists()
+    assert tree(seed_of(node, THIRD)) == {"torchinductor/x.py": b"poisoned", "torchinductor/planted.py": b"poisoned"}
 
 
 def test_the_key_differs_per_baseline_and_gpu_and_is_a_safe_file_name():
@@ -264,8 +301,9 @@ def test_private_leaves_the_command_and_env_as_they_were(node, monkeypatch):
     base = {"sandbox": "bwrap", "data_dir": str(root / "data"), "root": str(root), "device": "cpu"}
     env = {"PATH": os.environ["PATH"]}
     today = training_command(base, work, env, str(root / "data"))
-    for config in ({**base, "kind": "candidate"}, {**trial_config(), **base, "compile_cache": "private"},
-                   {**trial_config(), **base, "sandbox": "none"}):
+    for config in ({**base, "kind": "candidate", "compile_cache": "private"},
+                   {**trial_config(), **base, "compile_cache": "private"}, {**trial_config(), **base, "sandbox": "none"},
+                   {**trial_config(mode="seeded"), **base, "sandbox": "none"}):
         assert start(config, node["folder"], GPU, node["notes"].append) is None
     assert training_command({**base, "compile_cache": "private"}, work, env, str(root / "data"), None) == today
     assert today[1]["TORCHINDUCTOR_CACHE_DIR"] == "/tmp/torchinductor" and str(INSIDE) not in today[0]
