@@ -30,12 +30,17 @@ anything the candidate says), and a curve whose end claims a loss well below its
 
 `launch --early-stop off|shadow|on` (default shadow): `shadow` judges every first run and records in its row when
 the rule would have stopped it (`early_stop_at`, counted seconds), and stops nothing; `on` stops it (status
-`stopped_early`, not scored, never promoted).
+`stopped_early`, not scored, never promoted), except an audit: AUDIT_FRACTION of the runs it would stop, drawn by
+the trial, run on as in shadow mode. A baseline's code can print its control runs' curves lower than its model's
+loss in mid-budget (the anchor checks only the end) to get honest candidates stopped; an audited run that then
+scores within WRONG_STOP_SIGMAS of the baseline shows it, and the selection (scheduler/selection.py) turns the
+rule off for that baseline and runs its stopped candidates again.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -54,6 +59,8 @@ OVERSHOOT_S = 5.0        # ... and these seconds more (the last step: 1.5 s on a
                          # 90, 60, 45 s) are further apart
 WRONG_STOP_SIGMAS = 3.0  # a stop of a run that ended within this many σ of the baseline's mean, or better, is wrong
                          # (issue 22's bar: none on the recorded curves); report and bench/early_stop_sim.py judge by it
+AUDIT_FRACTION = 0.25    # of the runs `on` would stop, those that run on to be scored: a reference that stops runs
+                         # wrongly is found after 4 such stops on average, at a quarter of the rule's saving
 EARLY_STOP_MODES = ("off", "shadow", "on")
 DEFAULT_MODE = "shadow"  # judge and record, stop nothing, until the recorded curves show the rule makes no wrong stop
 STOPPED_EARLY = "stopped_early"  # the status of a trial the rule stopped (launch --early-stop on)
@@ -183,13 +190,16 @@ def references(rows: Iterable[dict], baseline_sha: str, budget: float) -> dict[s
 
 class EarlyStop:
     """The rule applied to one running trial: asked during training (`overdue`, with the trial's clock) and once
-    at its end (`settle`). It remembers the first window at which the rule stopped the curve; only in mode `on`
-    does it ask the trial to stop."""
+    at its end (`settle`). It remembers the first window at which the rule stopped the curve; only in mode `on`,
+    and when the run is not audited, does it ask the trial to stop. `audit`: None draws it (the trusted trial's
+    random source: the candidate cannot know)."""
 
-    def __init__(self, mode: str, curves: list[list[float | None]] | None, budget: float) -> None:
+    def __init__(self, mode: str, curves: list[list[float | None]] | None, budget: float,
+                 audit: bool | None = None) -> None:
         if mode not in EARLY_STOP_MODES:
             raise ValueError(f"early stop mode {mode!r}: use one of {', '.join(EARLY_STOP_MODES)}")
         self.mode, self.budget = mode, budget
+        self.audit = random.SystemRandom().random() < AUDIT_FRACTION if audit is None else audit
         self.reference = Reference.of(curves or []) if mode != "off" else None
         self.stopped_at: float | None = None  # counted seconds at which the rule stopped (or would have)
         self.reason: str | None = None
@@ -203,9 +213,9 @@ class EarlyStop:
             self.reason = stop_reason(values, self.reference, index, self.budget)
 
     def overdue(self, curve: Curve) -> str | None:
-        """During training: the reason to stop it now (mode `on`), else None."""
+        """During training: the reason to stop it now (mode `on`, not audited), else None."""
         self._judge(curve.values(complete_only=True))
-        return self.reason if self.mode == "on" else None
+        return self.reason if self.mode == "on" and not self.audit else None
 
     def settle(self, curve: Curve) -> None:
         """At the end of training: judge the whole curve, so that a shadow row records what the rule, run on the

@@ -58,7 +58,7 @@ class QueueSearcher(Searcher):
                 return Searcher.FINISHED
             return None  # idle polls (several a second) cost a folder listing, no call to the actor
         baseline = baseline or self._baseline()  # one call to the actor per suggestion
-        return self._config(layout, entry, baseline["baseline"], baseline["sha"])
+        return self._config(layout, entry, baseline["baseline"], baseline["sha"], baseline.get("refuted", False))
 
     def _baseline(self) -> dict:
         """The selection's baseline: its id (`baseline`) and the sha256 of its source (`sha`)."""
@@ -71,15 +71,18 @@ class QueueSearcher(Searcher):
             say(note)
         return info
 
-    def _config(self, layout: Layout, entry: queue.Entry, baseline: str, baseline_sha: str | None = None) -> dict:
+    def _config(self, layout: Layout, entry: queue.Entry, baseline: str, baseline_sha: str | None = None,
+                refuted: bool = False) -> dict:
         """The trial's config: the queue entry, the settings, and the source it runs, read from the archive and
         checked against its sha256 name. A source that fails the check is not handed over: the config carries
         `refused` (the reason, which names the file) instead of `source`, and the trial must not run anything
         but report a row with status `refused` and that reason. For a candidate's first run, when early stopping
-        is on (shadow or on) and `baseline_sha` is known, the curves it is judged against (`reference_curves`)."""
+        is on (shadow or on) and `baseline_sha` is known, the curves it is judged against (`reference_curves`);
+        none in mode `on` once an audited run `refuted` them (scheduler/selection.py)."""
         config = {**vars(entry), **self.settings, "baseline": baseline, "data_dir": str(layout.data),
                   "runs_dir": str(layout.runs)}
-        if entry.kind == "candidate" and self.settings.get("early_stop", "off") != "off" and baseline_sha:
+        mode = self.settings.get("early_stop", "off")
+        if entry.kind == "candidate" and mode != "off" and baseline_sha and not (refuted and mode == "on"):
             # per GPU type: the trial learns its GPU's name only on its node. Only runs of the baseline's own source
             # (by its full sha256): no other candidate's curve is ever what a candidate is judged against
             config["reference_curves"] = self._reference_curves(layout, baseline_sha)

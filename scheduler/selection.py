@@ -21,6 +21,12 @@ rejected, promoted) with the figures it was judged on (`Candidate.verdict`,
 `Candidate.judged`): `wait`, `show` and `results` read them through
 scheduler/verdict.py, without Ray.
 
+A first run the early-stop rule would have stopped that scores within its
+noise of the baseline (an audited run of `launch --early-stop on`, or any run
+in shadow mode) refutes the baseline's reference curves: in mode `on` the
+searcher then judges no more candidates against them, and the candidates they
+stopped run again, as confirmation reruns (`_audit`; scheduler/earlystop.py).
+
 The parts, in the order of the file: `Candidate` and `State`, what is kept;
 `rule_on`, the rule's answer on one candidate; `BaselineKeeper`, the baseline's
 side (its changes, the lineage, its control runs); `Selection`, the actor, which
@@ -44,6 +50,7 @@ from pathlib import Path
 from scheduler import queue, results
 from scheduler.atomic import atomic_write
 from scheduler.custody import Custody, SourceRefused, baseline_diff, diff_size
+from scheduler.earlystop import STOPPED_EARLY, WRONG_STOP_SIGMAS
 from scheduler.intake import defines_build_model
 from scheduler.layout import Layout, baseline_id, sha256_bytes
 from scheduler.promotion import Judgement, PromotionRule, RuleConfig, Verdict
@@ -72,10 +79,12 @@ class Candidate:
     # report through scheduler/verdict.py; None in files written before verdicts were kept
     verdict: str | None = None
     judged: dict | None = None
+    stopped_by: str | None = None  # the baseline whose reference curves stopped its first run early
+    excused: int = 0               # its runs stopped by a reference later refuted: not failures
 
     def failed(self) -> int:
-        """Its runs that gave no score."""
-        return self.runs - sum(len(s) for s in self.scores.values())
+        """Its runs that gave no score, and no fault of its own."""
+        return self.runs - sum(len(s) for s in self.scores.values()) - self.excused
 
     def take(self, row: dict, gpu: str) -> None:
         """Count one finished run of it (a first run or a rerun) and its score, if it scored."""
@@ -84,6 +93,8 @@ class Candidate:
         self.source_sha256, self.parent = row.get("source_sha256"), row.get("parent")
         if row["kind"] == "confirm":
             self.outstanding = max(0, self.outstanding - 1)
+        if row["status"] == STOPPED_EARLY:
+            self.stopped_by = row.get("baseline")
         if row["status"] == "ok" and not self.done:
             self.scores.setdefault(gpu, []).append(row["val_bpc"])
 
@@ -123,6 +134,7 @@ class State:
     last_recorded: str | None = None
     # set while a promotion replaces train.py: an actor that died meanwhile finishes the job when it restarts
     installing: bool = False
+    refuted: list[str] = field(default_factory=list)  # baselines whose reference curves stopped a run wrongly
 
     @classmethod
     def load(cls, path: Path) -> "State":
@@ -354,7 +366,8 @@ class Selection:
                                f"there.")
         if not self.rule.gpus() and not self.keeper.control_queued():
             self._queue_control()  # the first thing to do with an unscored baseline: run it
-        return {"baseline": self.baseline(), "sha": self.state.baseline_sha, "notes": self._take_notes()}
+        return {"baseline": self.baseline(), "sha": self.state.baseline_sha, "notes": self._take_notes(),
+                "refuted": self.baseline() in self.state.refuted}
 
     def _take_notes(self) -> list[str]:
         notes = self.notes[:]
@@ -377,6 +390,7 @@ class Selection:
         self.state.trials_since_control += 1
         candidate = self.state.candidates.setdefault(row["candidate_id"], Candidate())
         candidate.take(row, gpu)
+        self._audit(row, gpu)
         if candidate.done:
             self._save()
             return {"decision": "already decided"}
@@ -397,6 +411,29 @@ class Selection:
                      if not candidate.done and candidate.scores.get(gpu) and candidate.outstanding == 0}
         self._save()
         return {"decision": "baseline scored", "rejudged": decisions}
+
+    def _audit(self, row: dict, gpu: str) -> None:
+        """A scored run that the early-stop rule would have stopped against the current baseline's curves and
+        that ended within WRONG_STOP_SIGMAS σ of the baseline, or better, refutes those curves (honest noise, or a
+        baseline printing its loss lower than it is): they stop nothing more, and every candidate they stopped
+        gets a rerun (its stopped run no fault of its own)."""
+        base = self.keeper.id
+        scores = self.rule.baseline_scores(gpu)
+        if (row["status"] != "ok" or row.get("early_stop_at") is None or row.get("baseline") != base
+                or base in self.state.refuted or not scores
+                or row["val_bpc"] > sum(scores) / len(scores) + WRONG_STOP_SIGMAS * self.rule.sigma(gpu)):
+            return
+        self.state.refuted.append(base)
+        reopened = [cid for cid, c in self.state.candidates.items() if c.stopped_by == base and c.done
+                    and not any(c.scores.values())]
+        for cid in reopened:
+            candidate = self.state.candidates[cid]
+            candidate.done, candidate.stopped_by, candidate.excused = False, None, candidate.excused + 1
+            queue_reruns(self.layout, cid, candidate, 1)
+            candidate.verdict = CONFIRMING
+        self.notes.append(f"{row['trial_id']} scored {row['val_bpc']:.4f} bpc, within the noise of baseline {base}, "
+                          f"where the early-stop rule would have stopped it: the rule stops nothing more against "
+                          f"this baseline's curves, and {len(reopened)} candidate(s) they stopped run again")
 
     def _judge(self, cid: str, gpu: str) -> dict:
         """Ask the rule about a candidate and act on its answer; the candidate keeps the verdict and its figures."""

@@ -106,13 +106,26 @@ def test_shadow_records_when_it_would_stop_and_stops_nothing():
     shadow = EarlyStop("shadow", [falling()] * MIN_CURVES, BUDGET)
     assert shadow.overdue(curve) is None
     assert shadow.stopped_at == window_end(stop_window(curve.values(), controls(falling())), BUDGET)
-    on = EarlyStop("on", [falling()] * MIN_CURVES, BUDGET)
+    on = EarlyStop("on", [falling()] * MIN_CURVES, BUDGET, audit=False)
     assert "stopped early at" in on.overdue(curve) and "baseline's" in on.reason
+    audited = EarlyStop("on", [falling()] * MIN_CURVES, BUDGET, audit=True)  # runs on, to be scored, as in shadow
+    assert audited.overdue(curve) is None and audited.stopped_at == shadow.stopped_at
     off = EarlyStop("off", [falling()] * MIN_CURVES, BUDGET)
     off.settle(curve)
     assert off.overdue(curve) is None and off.stopped_at is None
     with pytest.raises(ValueError, match="use one of off, shadow, on"):
         EarlyStop("maybe", None, BUDGET)
+
+
+def test_the_trial_draws_the_audit_from_a_random_source_the_candidate_cannot_read(monkeypatch):
+    from scheduler import earlystop
+
+    for fraction, audited in ((1.0, True), (0.0, False)):
+        monkeypatch.setattr(earlystop, "AUDIT_FRACTION", fraction)
+        assert EarlyStop("on", None, BUDGET).audit is audited
+    monkeypatch.setattr(earlystop, "AUDIT_FRACTION", 0.25)
+    draws = [EarlyStop("on", None, BUDGET).audit for _ in range(2000)]
+    assert 0.2 < sum(draws) / len(draws) < 0.3
 
 
 def test_references_come_only_from_scored_runs_of_the_current_baselines_source():
@@ -172,6 +185,10 @@ def test_the_searcher_gives_a_candidates_first_run_the_curves_of_the_baselines_r
     entry = queue.Entry(trial_id="f-r1", candidate_id="f", kind="candidate", source_sha256="e" * 64)
     later = searcher._config(layout, entry, "b", BASELINE_SHA)["reference_curves"]["NVIDIA H200"]
     assert len(later) == MIN_CURVES + 1 and falling(3.0, 0.9) in later
+    # once an audited run refuted the baseline's curves (scheduler/selection.py): `on` judges against nothing,
+    # shadow goes on recording what the rule would do
+    refuted = searcher._config(layout, entry, "b", BASELINE_SHA, refuted=True).get("reference_curves")
+    assert refuted is None if mode == "on" else len(refuted["NVIDIA H200"]) == MIN_CURVES + 1
 
 
 @pytest.mark.slow
@@ -186,10 +203,12 @@ def test_a_hopeless_trial_is_recorded_in_shadow_and_stopped_when_on(tmp_path, da
 
     from ray import tune
 
+    from scheduler import earlystop
     from scheduler.trial import run_trial
 
     reports: list[dict] = []
     monkeypatch.setattr(tune, "report", reports.append)
+    monkeypatch.setattr(earlystop, "AUDIT_FRACTION", 0.0)  # an audited run would run on, as in shadow mode
     budget = 2.0
     config = {
         "trial_id": "hopeless-r1", "candidate_id": "hopeless", "kind": "candidate", "agent": "a", "parent": "b",

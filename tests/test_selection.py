@@ -173,3 +173,33 @@ def test_a_decision_made_twice_queues_each_rerun_once(tmp_path):
     layout.selection_state.write_text(before)  # as if the actor died before its save
     assert Selection(str(tmp_path)).record(first)["decision"] == "confirm"
     assert sorted(e.trial_id for e in queue.pending(layout)) == queued
+
+
+def test_a_forged_reference_is_refuted_by_an_audited_run_and_what_it_stopped_runs_again(tmp_path):
+    """The attack (docs/reliability.md, "A forged loss curve"): a baseline prints its control runs' curves lower
+    than its loss in mid-budget, so that `--early-stop on` stops honest candidates. A quarter of the runs the rule
+    would stop are audited (run on and scored, earlystop.AUDIT_FRACTION); one that ends within the baseline's noise
+    refutes its curves: the searcher is told, and each candidate they stopped gets a rerun, its stopped run not
+    held against it."""
+    layout, selection, base = fresh(tmp_path)
+    for i, bpc in enumerate([2.00, 2.01, 1.99]):
+        selection.record(row(f"c{i}", base, "control", bpc, base))
+    honest = variant(LEARNING_RATE=9e-3).encode()
+    sha = sha256_bytes(honest)
+    (layout.sources / f"{sha}.py").write_bytes(honest)
+    stopped = {**row("a-r1", "a", "candidate", None, base, sha), "status": "stopped_early", "early_stop_at": 90.0}
+    assert selection.record(stopped)["verdict"] == "rejected"
+    hopeless = {**row("h-r1", "h", "candidate", 2.60, base, sha), "early_stop_at": 90.0}  # a right stop: no refutation
+    assert selection.record(hopeless)["verdict"] == "rejected"
+    assert selection.sync_baseline()["refuted"] is False and not [e for e in queue.pending(layout) if e.kind == "confirm"]
+    audited = {**row("b-r1", "b", "candidate", 2.005, base, sha), "early_stop_at": 90.0}
+    selection.record(audited)
+    info = selection.sync_baseline()
+    assert info["refuted"] is True and any("run again" in note for note in info["notes"])
+    rerun = [e for e in queue.pending(layout) if e.candidate_id == "a"]
+    assert [(e.kind, e.trial_id) for e in rerun] == [("confirm", "a-r2")]
+    assert selection.state.candidates["a"].verdict == "confirming"
+    decided = selection.record(row("a-r2", "a", "confirm", 1.90, base, sha))
+    assert decided["decision"] == "confirm", decided  # judged on its score, not rejected for the stopped run
+    again = Selection(str(tmp_path))  # the refutation survives a restart of the actor
+    assert again.sync_baseline()["refuted"] is True
