@@ -29,6 +29,17 @@ def fresh(root: Path) -> tuple[Layout, Selection, str]:
     return layout, selection, selection.sync_baseline()["baseline"]
 
 
+def scored(root: Path) -> tuple[Layout, Selection, str, str]:
+    """fresh(), with three control runs of the baseline scored, and a candidate's source archived (its sha256)."""
+    layout, selection, base = fresh(root)
+    for i, bpc in enumerate([2.00, 2.01, 1.99]):
+        selection.record(row(f"c{i}", base, "control", bpc, base))
+    source = variant(LEARNING_RATE=9e-3).encode()
+    sha = sha256_bytes(source)
+    (layout.sources / f"{sha}.py").write_bytes(source)
+    return layout, selection, base, sha
+
+
 def test_rule_in_the_actor_confirms_then_promotes_and_state_survives(tmp_path):
     layout, selection, base = fresh(tmp_path)
     old_source = layout.baseline.read_bytes()
@@ -160,12 +171,7 @@ def test_each_baseline_is_scored_on_the_test_split_once(tmp_path):
 def test_a_decision_made_twice_queues_each_rerun_once(tmp_path):
     """The actor killed after queueing reruns but before saving: the re-sent call decides again from the old
     state, and the queue keeps one entry per rerun."""
-    layout, selection, base = fresh(tmp_path)
-    for i, bpc in enumerate([2.00, 2.01, 1.99]):
-        selection.record(row(f"c{i}", base, "control", bpc, base))
-    better = variant(LEARNING_RATE=9e-3).encode()
-    sha = sha256_bytes(better)
-    (layout.sources / f"{sha}.py").write_bytes(better)
+    layout, selection, base, sha = scored(tmp_path)
     before = layout.selection_state.read_text()
     first = row("cand-r1", "cand", "candidate", 1.90, base, sha)
     assert selection.record(first)["decision"] == "confirm"
@@ -181,12 +187,7 @@ def test_a_forged_reference_is_refuted_by_an_audited_run_and_what_it_stopped_run
     would stop are audited (run on and scored, earlystop.AUDIT_FRACTION); one that ends within the baseline's noise
     refutes its curves: the searcher is told, and each candidate they stopped gets a rerun, its stopped run not
     held against it."""
-    layout, selection, base = fresh(tmp_path)
-    for i, bpc in enumerate([2.00, 2.01, 1.99]):
-        selection.record(row(f"c{i}", base, "control", bpc, base))
-    honest = variant(LEARNING_RATE=9e-3).encode()
-    sha = sha256_bytes(honest)
-    (layout.sources / f"{sha}.py").write_bytes(honest)
+    layout, selection, base, sha = scored(tmp_path)
     stopped = {**row("a-r1", "a", "candidate", None, base, sha), "status": "stopped_early", "early_stop_at": 90.0}
     assert selection.record(stopped)["verdict"] == "rejected"
     hopeless = {**row("h-r1", "h", "candidate", 2.60, base, sha), "early_stop_at": 90.0}  # a right stop: no refutation
