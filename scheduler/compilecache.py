@@ -1,4 +1,4 @@
-"""A trial's compile cache: own (default), seeded, or private (`launch --compile-cache`).
+"""A trial's compile cache: private (default), own, or seeded (`launch --compile-cache`).
 
 Why: every sandboxed trial would compile its model from scratch, as Inductor's
 and Triton's caches live in the sandbox's private /tmp. On an H200 that costs
@@ -20,9 +20,12 @@ run, so tests can exercise them):
 - A trial that ends `ok` seals the seed of the source it ran (hashed here, by
   the trusted side) where none exists: the trusted side copies its cache there
   (into a temporary folder beside it, then a rename, under a file lock).
-- `own`: a trial starts from a copy of its own source's seed: reruns and
-  control runs start warm, and no code reaches a trial that its own source did
-  not write. `seeded`: a trial whose source has no seed yet starts from its
+- `own` (opt-in): a trial starts from a copy of its own source's seed: reruns
+  and control runs start warm, and no code reaches a trial that its own source
+  did not write. But a seed holds whatever the run wrote there, trained weights
+  too: a rerun may train on from its first run's model, past the budget, in the
+  runs that decide a promotion (and a promoted baseline's control runs set the
+  bar so). So `private`, the default, shares nothing. `seeded`: a trial whose source has no seed yet starts from its
   baseline's seed instead: first runs of candidates start warm too, and the
   promoted baseline's compiler output runs in its candidates' training (opt-in:
   docs/reliability.md). `private`: nothing is shared.
@@ -51,7 +54,7 @@ from pathlib import Path
 from scheduler.layout import baseline_id, sha256_bytes
 
 MODES = ("own", "seeded", "private")
-DEFAULT_MODE = "own"              # shares nothing between sources: what a trial runs, its own source wrote
+DEFAULT_MODE = "private"          # no run starts from what an earlier one left: a seed can carry trained weights
 INSIDE = Path("/tmp/compile-cache")  # where a trial's cache is bound: one path for all, as entries embed paths
 FOLDER = "compile-cache"          # under a trial's folder, beside (not in) the candidate's work folder. Not a
                                   # module name: the evaluation runs as `python -m` in the trial's folder (its

@@ -3,9 +3,10 @@
 A seed is written by code that ran in a sandbox, so the copier is tried as an
 attack: links out of the seed (to a "val.bin"), special files, oversized
 caches. Then which seed a run seals (its own source's, hashed by the trusted
-side, when it ends ok, once, atomically), which seeds a trial starts from (with
-`own`, the default, never one another source wrote: a candidate that poisons its
-cache reaches only its own reruns), that a trial's writes stay its own, the
+side, when it ends ok, once, atomically), which seeds a trial starts from (none
+by default, `private`: a seed can carry trained weights; with `own` never one
+another source wrote: a candidate that poisons its cache reaches only its own
+reruns), that a trial's writes stay its own, the
 seed's key, the sandbox's command and environment, and that `private` leaves
 both as they were. No Ray, no training; one test runs a real bwrap and is
 skipped where none works.
@@ -172,8 +173,8 @@ def test_an_ok_run_seals_the_seed_of_the_source_it_ran_once(node):
 
 
 def test_own_mode_never_runs_what_another_source_wrote(node):
-    """The attack: a candidate's first run plants code in its compile cache and ends ok. With `own` (the
-    default) that code reaches its own reruns only: not the baseline's control runs, not other candidates."""
+    """The attack: a candidate's first run plants code in its compile cache and ends ok. With `own` that code
+    reaches its own reruns only: not the baseline's control runs, not other candidates."""
     run(node, trial_config("candidate", source=OTHER), {"torchinductor/planted.py": "poison"})
     assert tree(seed_of(node, OTHER)) == {"torchinductor/planted.py": b"poison"}
     for config in (trial_config("control"), trial_config("candidate", source=THIRD),
@@ -183,6 +184,20 @@ def test_own_mode_never_runs_what_another_source_wrote(node):
         finish(config, cache, "crash", GPU, node["notes"].append)
     cache = start(trial_config("confirm", source=OTHER), node["folder"], GPU, node["notes"].append)
     assert (cache / "torchinductor" / "planted.py").read_text() == "poison"  # its own rerun: what it wrote
+
+
+def test_by_default_no_run_starts_from_what_an_earlier_run_of_its_source_left(node):
+    """The attack: a first run saves its trained weights in its compile cache and ends ok; with `own` they become
+    its source's seed, and its confirmation reruns (and, once it is promoted, the baseline's control runs) load them
+    and train on from there: twice the budget, in the runs that decide its promotion and the bar after it. A seed
+    can hold anything a run wrote, so by default (`private`) no run's cache outlives it."""
+    default = {k: v for k, v in trial_config().items() if k != "compile_cache"}
+    assert start(default, node["folder"], GPU, node["notes"].append) is None  # the sandbox's own /tmp
+    finish(default, None, "ok", GPU, node["notes"].append)
+    assert not node["seeds"].exists() and node["notes"] == []
+    run(node, trial_config(), {"weights.pt": "trained for the budget"})  # opt-in `own`: it carries over
+    cache = start(trial_config("confirm"), node["folder"], GPU, node["notes"].append)
+    assert (cache / "weights.pt").read_text() == "trained for the budget"
 
 
 def test_seeded_mode_starts_a_first_run_from_its_baselines_seed_and_seals_its_own(node):
