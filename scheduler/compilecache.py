@@ -14,8 +14,8 @@ run, so tests can exercise them):
   (Inductor's cache entries may embed absolute paths); the sandbox's
   TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR point below it.
 - A seed is the cache a source left: it lives on the node in
-  `data_cache()/compile/KEY`, KEY the source's short id (`base-` and its
-  sha256's first 12 digits, as a baseline's id) and the GPU's name, in a folder
+  `data_cache()/compile/KEY`, KEY the source's whole sha256 (not its short
+  id: 48 bits a candidate can match by search) and the GPU's name, in a folder
   the sandbox hides (the node's data cache), so no trial sees or writes it.
 - A trial that ends `ok` seals the seed of the source it ran (hashed here, by
   the trusted side) where none exists: the trusted side copies its cache there
@@ -51,7 +51,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scheduler.layout import baseline_id, sha256_bytes
+from scheduler.layout import sha256_bytes
 
 MODES = ("own", "seeded", "private")
 DEFAULT_MODE = "private"          # no run starts from what an earlier one left: a seed can carry trained weights
@@ -98,13 +98,13 @@ def applies(config: dict) -> bool:
     return config.get("compile_cache", DEFAULT_MODE) != "private" and config["sandbox"] != "none"
 
 
-def key(source_id: str, gpu: str) -> str:
-    """A seed's folder name: the source's short id and the GPU's name, file-name safe (a short hash of the
+def key(source_sha: str, gpu: str) -> str:
+    """A seed's folder name: the source's sha256 and the GPU's name, file-name safe (a short hash of the
     name keeps two names that differ only in unsafe characters apart)."""
     def safe(text: str) -> str:
         return re.sub(r"[^A-Za-z0-9.-]+", "_", text)[:64]
 
-    return f"{safe(source_id)}-{safe(gpu)}-{hashlib.sha256(gpu.encode()).hexdigest()[:8]}"
+    return f"{safe(source_sha)}-{safe(gpu)}-{hashlib.sha256(gpu.encode()).hexdigest()[:8]}"
 
 
 def seed_root() -> Path:
@@ -115,7 +115,7 @@ def seed_root() -> Path:
 
 def own_seed(config: dict, gpu: str) -> Path:
     """The seed of the source this trial runs, hashed here: never what the config claims it is."""
-    return seed_root() / key(baseline_id(sha256_bytes(config["source"].encode("utf-8"))), gpu)
+    return seed_root() / key(sha256_bytes(config["source"].encode("utf-8")), gpu)
 
 
 def seed_choices(config: dict, gpu: str) -> list[Path]:
@@ -124,7 +124,7 @@ def seed_choices(config: dict, gpu: str) -> list[Path]:
     own = own_seed(config, gpu)
     if config.get("compile_cache", DEFAULT_MODE) != "seeded":
         return [own]
-    return list(dict.fromkeys([own, seed_root() / key(config["baseline"], gpu)]))
+    return list(dict.fromkeys([own, seed_root() / key(config["baseline_sha256"], gpu)]))
 
 
 def env() -> dict[str, str]:

@@ -45,12 +45,13 @@ def trial_config(kind: str = "candidate", source: str = SOURCE, baseline_source:
                  **more) -> dict:
     """A trial's config as the searcher builds it, as far as the compile cache reads it."""
     return {"kind": kind, "source": source, "source_sha256": sha256_bytes(source.encode()),
-            "baseline": baseline_id(sha256_bytes(baseline_source.encode())), "sandbox": "bwrap",
+            "baseline": baseline_id(sha256_bytes(baseline_source.encode())),
+            "baseline_sha256": sha256_bytes(baseline_source.encode()), "sandbox": "bwrap",
             "compile_cache": mode, "device": "cpu", **more}
 
 
 def seed_of(node: dict, source: str) -> Path:
-    return node["seeds"] / key(baseline_id(sha256_bytes(source.encode())), GPU)
+    return node["seeds"] / key(sha256_bytes(source.encode()), GPU)
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -119,7 +120,7 @@ def test_a_seed_that_is_a_link_to_the_data_is_never_copied(node):
     (node["tmp"] / "data" / "val.bin").write_text("validation split")
     config = trial_config()
     node["seeds"].mkdir(parents=True)
-    (node["seeds"] / key(config["baseline"], GPU)).symlink_to(node["tmp"] / "data")
+    (node["seeds"] / key(config["baseline_sha256"], GPU)).symlink_to(node["tmp"] / "data")
     cache = start(config, node["folder"], GPU, node["notes"].append)
     assert cache == node["folder"] / compilecache.FOLDER and list(cache.iterdir()) == []
     assert "not used" in node["notes"][0] and "compiles from scratch" in node["notes"][0]
@@ -145,9 +146,9 @@ def test_a_cap_refuses_an_oversized_cache_and_it_is_not_sealed(node, monkeypatch
     monkeypatch.setattr(compilecache, "MAX_BYTES", 1000)
     control = trial_config("control")
     run(node, control, {"triton/a": "x" * 600, "triton/b": "x" * 600})
-    assert not (node["seeds"] / key(control["baseline"], GPU)).exists()
+    assert not (node["seeds"] / key(control["baseline_sha256"], GPU)).exists()
     assert "not sealed: over the cap" in node["notes"][-1]
-    assert [p.name for p in node["seeds"].iterdir()] == [f".{key(control['baseline'], GPU)}.lock"]  # no staging
+    assert [p.name for p in node["seeds"].iterdir()] == [f".{key(control['baseline_sha256'], GPU)}.lock"]  # no staging
 
 
 def test_an_ok_run_seals_the_seed_of_the_source_it_ran_once(node):
@@ -276,12 +277,24 @@ def test_a_candidates_writes_to_its_copy_never_reach_the_seed(node):
     assert tree(seed_of(node, THIRD)) == {"torchinductor/x.py": b"poisoned", "torchinductor/planted.py": b"poisoned"}
 
 
-def test_the_key_differs_per_baseline_and_gpu_and_is_a_safe_file_name():
-    keys = {key(b, g) for b in ("base-aaaaaaaaaaaa", "base-bbbbbbbbbbbb")
+def test_the_key_differs_per_source_and_gpu_and_is_a_safe_file_name():
+    keys = {key(s, g) for s in ("a" * 64, "b" * 64)
             for g in ("NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA H100_80GB HBM3", "cpu")}
     assert len(keys) == 8
-    odd = key("base-aaaaaaaaaaaa", "../../etc/x y\n")
-    assert all(c.isalnum() or c in "-_." for c in odd) and odd.startswith("base-") and len(odd) < 200
+    odd = key("a" * 64, "../../etc/x y\n")
+    assert all(c.isalnum() or c in "-_." for c in odd) and odd.startswith("a" * 64 + "-") and len(odd) < 200
+
+
+def test_two_sources_whose_short_ids_match_have_seeds_of_their_own(node, monkeypatch):
+    """The attack: a candidate searches for a source whose sha256 starts with the baseline's 12 digits (its short
+    id, `base-…`: 2^48 hashes, hours of one GPU), and seals its code as the baseline's seed, which the baseline's
+    control runs would then load. A seed is keyed by the whole sha256."""
+    monkeypatch.setattr(compilecache, "sha256_bytes",
+                        lambda data: "abcdef012345" + ("0" if data == SOURCE.encode() else "1") * 52)
+    forged = trial_config("candidate", source=OTHER)
+    run(node, forged, {"torchinductor/planted.py": "poison"})
+    cache = start(trial_config("control"), node["folder"], GPU, node["notes"].append)
+    assert list(cache.iterdir()) == [] and "compiles from scratch" in node["notes"][-1]
 
 
 def test_the_trials_cache_folder_cannot_be_imported_by_the_evaluation():
@@ -345,7 +358,7 @@ def test_inside_the_sandbox_the_seed_is_hidden_and_the_cache_writable(monkeypatc
         monkeypatch.setenv(DATA_CACHE_ENV, str(base / "node-cache"))
         monkeypatch.setattr(sandbox, "SYSTEM_FOLDERS", (*sandbox.SYSTEM_FOLDERS, base))  # as if under /opt
         config = {**trial_config(), "data_dir": str(root / "data"), "root": str(root)}
-        seed = seeds / key(config["baseline"], "cpu")
+        seed = seeds / key(config["baseline_sha256"], "cpu")
         (seed / "triton").mkdir(parents=True)
         (seed / "triton" / "seeded.txt").write_text("from the seed")
         folder = root / "results" / "runs" / "t1"
@@ -411,7 +424,7 @@ def test_run_trial_seals_with_the_control_run_and_seeds_the_candidate(tmp_path, 
         assert row["status"] == "ok", row["reason"]
         assert not (tmp_path / "runs" / trial / compilecache.FOLDER).exists()
     control_log, candidate_log = ((tmp_path / "runs" / t / "log.txt").read_text() for t in ("b-c0", "c-r1"))
-    seed = tmp_path / "node-cache" / compilecache.SEEDS / key(trial_config(baseline_source=baseline)["baseline"], "cpu")
+    seed = tmp_path / "node-cache" / compilecache.SEEDS / key(sha256_bytes(baseline.encode()), "cpu")
     assert "SEEDED: nothing" in control_log and f"compile cache: sealed seed {seed.name} (1 files" in control_log
     assert f"compile cache: started from seed {seed.name} (1 files" in candidate_log
     assert "SEEDED: the control run" in candidate_log
