@@ -361,10 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop a candidate's first run whose loss curve runs far above the baseline's control runs' "
                         "(on), only record in its row when it would have been stopped (shadow), or neither (off)")
     p.add_argument("--compile-cache", default=LaunchOptions.compile_cache, choices=COMPILE_CACHE_MODES,
-                   help="own (default): a sandboxed trial starts from a copy of the compile cache the first ok run "
-                        "of its own source left on this node (reruns, control runs); seeded: a candidate's first run "
-                        "starts from its baseline's too (the baseline's compiler output then runs in candidates' "
-                        "training); private: every trial compiles from scratch")
+                   help="private (default): every sandboxed trial compiles from scratch; own: it starts from a copy "
+                        "of the compile cache the first ok run of its own source left on this node (reruns, control "
+                        "runs; what that run wrote there, trained weights too, then reaches them); seeded: a "
+                        "candidate's first run starts from its baseline's too (the baseline's compiler output then "
+                        "runs in candidates' training)")
     p.add_argument("--promotion", default=RuleConfig.policy, choices=POLICIES,
                    help="noise-aware: confirm with reruns; greedy: promote any first score below the "
                         "baseline's best score (the original one-run rule)")

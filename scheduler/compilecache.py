@@ -1,4 +1,4 @@
-"""A trial's compile cache: own (default), seeded, or private (`launch --compile-cache`).
+"""A trial's compile cache: private (default), own, or seeded (`launch --compile-cache`).
 
 Why: every sandboxed trial would compile its model from scratch, as Inductor's
 and Triton's caches live in the sandbox's private /tmp. On an H200 that costs
@@ -14,15 +14,18 @@ run, so tests can exercise them):
   (Inductor's cache entries may embed absolute paths); the sandbox's
   TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR point below it.
 - A seed is the cache a source left: it lives on the node in
-  `data_cache()/compile/KEY`, KEY the source's short id (`base-` and its
-  sha256's first 12 digits, as a baseline's id) and the GPU's name, in a folder
+  `data_cache()/compile/KEY`, KEY the source's whole sha256 (not its short
+  id: 48 bits a candidate can match by search) and the GPU's name, in a folder
   the sandbox hides (the node's data cache), so no trial sees or writes it.
 - A trial that ends `ok` seals the seed of the source it ran (hashed here, by
   the trusted side) where none exists: the trusted side copies its cache there
   (into a temporary folder beside it, then a rename, under a file lock).
-- `own`: a trial starts from a copy of its own source's seed: reruns and
-  control runs start warm, and no code reaches a trial that its own source did
-  not write. `seeded`: a trial whose source has no seed yet starts from its
+- `own` (opt-in): a trial starts from a copy of its own source's seed: reruns
+  and control runs start warm, and no code reaches a trial that its own source
+  did not write. But a seed holds whatever the run wrote there, trained weights
+  too: a rerun may train on from its first run's model, past the budget, in the
+  runs that decide a promotion (and a promoted baseline's control runs set the
+  bar so). So `private`, the default, shares nothing. `seeded`: a trial whose source has no seed yet starts from its
   baseline's seed instead: first runs of candidates start warm too, and the
   promoted baseline's compiler output runs in its candidates' training (opt-in:
   docs/reliability.md). `private`: nothing is shared.
@@ -48,10 +51,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scheduler.layout import baseline_id, sha256_bytes
+from scheduler.layout import sha256_bytes
 
 MODES = ("own", "seeded", "private")
-DEFAULT_MODE = "own"              # shares nothing between sources: what a trial runs, its own source wrote
+DEFAULT_MODE = "private"          # no run starts from what an earlier one left: a seed can carry trained weights
 INSIDE = Path("/tmp/compile-cache")  # where a trial's cache is bound: one path for all, as entries embed paths
 FOLDER = "compile-cache"          # under a trial's folder, beside (not in) the candidate's work folder. Not a
                                   # module name: the evaluation runs as `python -m` in the trial's folder (its
@@ -95,13 +98,13 @@ def applies(config: dict) -> bool:
     return config.get("compile_cache", DEFAULT_MODE) != "private" and config["sandbox"] != "none"
 
 
-def key(source_id: str, gpu: str) -> str:
-    """A seed's folder name: the source's short id and the GPU's name, file-name safe (a short hash of the
+def key(source_sha: str, gpu: str) -> str:
+    """A seed's folder name: the source's sha256 and the GPU's name, file-name safe (a short hash of the
     name keeps two names that differ only in unsafe characters apart)."""
     def safe(text: str) -> str:
         return re.sub(r"[^A-Za-z0-9.-]+", "_", text)[:64]
 
-    return f"{safe(source_id)}-{safe(gpu)}-{hashlib.sha256(gpu.encode()).hexdigest()[:8]}"
+    return f"{safe(source_sha)}-{safe(gpu)}-{hashlib.sha256(gpu.encode()).hexdigest()[:8]}"
 
 
 def seed_root() -> Path:
@@ -112,7 +115,7 @@ def seed_root() -> Path:
 
 def own_seed(config: dict, gpu: str) -> Path:
     """The seed of the source this trial runs, hashed here: never what the config claims it is."""
-    return seed_root() / key(baseline_id(sha256_bytes(config["source"].encode("utf-8"))), gpu)
+    return seed_root() / key(sha256_bytes(config["source"].encode("utf-8")), gpu)
 
 
 def seed_choices(config: dict, gpu: str) -> list[Path]:
@@ -121,7 +124,7 @@ def seed_choices(config: dict, gpu: str) -> list[Path]:
     own = own_seed(config, gpu)
     if config.get("compile_cache", DEFAULT_MODE) != "seeded":
         return [own]
-    return list(dict.fromkeys([own, seed_root() / key(config["baseline"], gpu)]))
+    return list(dict.fromkeys([own, seed_root() / key(config["baseline_sha256"], gpu)]))
 
 
 def env() -> dict[str, str]:

@@ -188,11 +188,13 @@ def _run(opts: LaunchOptions, layout: Layout, local_gpus: list[int] | None, sand
     if sandbox == "none":
         say("warning: --sandbox none: candidates run with your rights and can read the validation split, rewrite "
             "results/ and train.py, and reach the network; every row records sandbox=none")
-    if opts.compile_cache == "seeded":
-        say("--compile-cache seeded: a candidate's first run starts from its baseline's compile cache on its node "
-            "(the baseline's compiler output runs in its training: docs/reliability.md)"
-            if sandbox != "none" else "--compile-cache seeded does nothing with --sandbox none: unsandboxed trials "
-            "already share your user's compile cache")
+    if opts.compile_cache != "private":
+        say(f"--compile-cache {opts.compile_cache}: a source's reruns and control runs start from what its first ok "
+            f"run left in its compile cache on their node (trained weights too: they may train on past the budget)"
+            + (", and a candidate's first run from its baseline's (the baseline's compiler output runs in its "
+               "training)" if opts.compile_cache == "seeded" else "") + ": docs/reliability.md"
+            if sandbox != "none" else f"--compile-cache {opts.compile_cache} does nothing with --sandbox none: "
+            "unsandboxed trials already share your user's compile cache")
     if not prepare.is_prepared(layout.data):
         say(f"no data in {layout.data}: downloading and checking enwik8 (once)")
         prepare.prepare(layout.data)

@@ -79,8 +79,8 @@ class QueueSearcher(Searcher):
         but report a row with status `refused` and that reason. For a candidate's first run, when early stopping
         is on (shadow or on) and `baseline_sha` is known, the curves it is judged against (`reference_curves`);
         none in mode `on` once an audited run `refuted` them (scheduler/selection.py)."""
-        config = {**vars(entry), **self.settings, "baseline": baseline, "data_dir": str(layout.data),
-                  "runs_dir": str(layout.runs)}
+        config = {**vars(entry), **self.settings, "baseline": baseline, "baseline_sha256": baseline_sha,
+                  "data_dir": str(layout.data), "runs_dir": str(layout.runs)}
         mode = self.settings.get("early_stop", "off")
         if entry.kind == "candidate" and mode != "off" and baseline_sha and not (refuted and mode == "on"):
             # per GPU type: the trial learns its GPU's name only on its node. Only runs of the baseline's own source

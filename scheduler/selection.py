@@ -390,6 +390,9 @@ class Selection:
         self.state.trials_since_control += 1
         candidate = self.state.candidates.setdefault(row["candidate_id"], Candidate())
         candidate.take(row, gpu)
+        if row["status"] == STOPPED_EARLY and row.get("baseline") in self.state.refuted:
+            # stopped by curves already refuted: a trial that was handed them before the refutation, its row late
+            self._excuse(row["candidate_id"], candidate)
         self._audit(row, gpu)
         if candidate.done:
             self._save()
@@ -427,13 +430,16 @@ class Selection:
         reopened = [cid for cid, c in self.state.candidates.items() if c.stopped_by == base and c.done
                     and not any(c.scores.values())]
         for cid in reopened:
-            candidate = self.state.candidates[cid]
-            candidate.done, candidate.stopped_by, candidate.excused = False, None, candidate.excused + 1
-            queue_reruns(self.layout, cid, candidate, 1)
-            candidate.verdict = CONFIRMING
+            self._excuse(cid, self.state.candidates[cid])
         self.notes.append(f"{row['trial_id']} scored {row['val_bpc']:.4f} bpc, within the noise of baseline {base}, "
                           f"where the early-stop rule would have stopped it: the rule stops nothing more against "
                           f"this baseline's curves, and {len(reopened)} candidate(s) they stopped run again")
+
+    def _excuse(self, cid: str, candidate: Candidate) -> None:
+        """A candidate whose first run refuted curves stopped: that run is not held against it, and it runs again."""
+        candidate.done, candidate.stopped_by, candidate.excused = False, None, candidate.excused + 1
+        queue_reruns(self.layout, cid, candidate, 1)
+        candidate.verdict = CONFIRMING
 
     def _judge(self, cid: str, gpu: str) -> dict:
         """Ask the rule about a candidate and act on its answer; the candidate keeps the verdict and its figures."""

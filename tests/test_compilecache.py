@@ -3,9 +3,10 @@
 A seed is written by code that ran in a sandbox, so the copier is tried as an
 attack: links out of the seed (to a "val.bin"), special files, oversized
 caches. Then which seed a run seals (its own source's, hashed by the trusted
-side, when it ends ok, once, atomically), which seeds a trial starts from (with
-`own`, the default, never one another source wrote: a candidate that poisons its
-cache reaches only its own reruns), that a trial's writes stay its own, the
+side, when it ends ok, once, atomically), which seeds a trial starts from (none
+by default, `private`: a seed can carry trained weights; with `own` never one
+another source wrote: a candidate that poisons its cache reaches only its own
+reruns), that a trial's writes stay its own, the
 seed's key, the sandbox's command and environment, and that `private` leaves
 both as they were. No Ray, no training; one test runs a real bwrap and is
 skipped where none works.
@@ -44,12 +45,13 @@ def trial_config(kind: str = "candidate", source: str = SOURCE, baseline_source:
                  **more) -> dict:
     """A trial's config as the searcher builds it, as far as the compile cache reads it."""
     return {"kind": kind, "source": source, "source_sha256": sha256_bytes(source.encode()),
-            "baseline": baseline_id(sha256_bytes(baseline_source.encode())), "sandbox": "bwrap",
+            "baseline": baseline_id(sha256_bytes(baseline_source.encode())),
+            "baseline_sha256": sha256_bytes(baseline_source.encode()), "sandbox": "bwrap",
             "compile_cache": mode, "device": "cpu", **more}
 
 
 def seed_of(node: dict, source: str) -> Path:
-    return node["seeds"] / key(baseline_id(sha256_bytes(source.encode())), GPU)
+    return node["seeds"] / key(sha256_bytes(source.encode()), GPU)
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -118,7 +120,7 @@ def test_a_seed_that_is_a_link_to_the_data_is_never_copied(node):
     (node["tmp"] / "data" / "val.bin").write_text("validation split")
     config = trial_config()
     node["seeds"].mkdir(parents=True)
-    (node["seeds"] / key(config["baseline"], GPU)).symlink_to(node["tmp"] / "data")
+    (node["seeds"] / key(config["baseline_sha256"], GPU)).symlink_to(node["tmp"] / "data")
     cache = start(config, node["folder"], GPU, node["notes"].append)
     assert cache == node["folder"] / compilecache.FOLDER and list(cache.iterdir()) == []
     assert "not used" in node["notes"][0] and "compiles from scratch" in node["notes"][0]
@@ -144,9 +146,9 @@ def test_a_cap_refuses_an_oversized_cache_and_it_is_not_sealed(node, monkeypatch
     monkeypatch.setattr(compilecache, "MAX_BYTES", 1000)
     control = trial_config("control")
     run(node, control, {"triton/a": "x" * 600, "triton/b": "x" * 600})
-    assert not (node["seeds"] / key(control["baseline"], GPU)).exists()
+    assert not (node["seeds"] / key(control["baseline_sha256"], GPU)).exists()
     assert "not sealed: over the cap" in node["notes"][-1]
-    assert [p.name for p in node["seeds"].iterdir()] == [f".{key(control['baseline'], GPU)}.lock"]  # no staging
+    assert [p.name for p in node["seeds"].iterdir()] == [f".{key(control['baseline_sha256'], GPU)}.lock"]  # no staging
 
 
 def test_an_ok_run_seals_the_seed_of_the_source_it_ran_once(node):
@@ -172,8 +174,8 @@ def test_an_ok_run_seals_the_seed_of_the_source_it_ran_once(node):
 
 
 def test_own_mode_never_runs_what_another_source_wrote(node):
-    """The attack: a candidate's first run plants code in its compile cache and ends ok. With `own` (the
-    default) that code reaches its own reruns only: not the baseline's control runs, not other candidates."""
+    """The attack: a candidate's first run plants code in its compile cache and ends ok. With `own` that code
+    reaches its own reruns only: not the baseline's control runs, not other candidates."""
     run(node, trial_config("candidate", source=OTHER), {"torchinductor/planted.py": "poison"})
     assert tree(seed_of(node, OTHER)) == {"torchinductor/planted.py": b"poison"}
     for config in (trial_config("control"), trial_config("candidate", source=THIRD),
@@ -183,6 +185,20 @@ def test_own_mode_never_runs_what_another_source_wrote(node):
         finish(config, cache, "crash", GPU, node["notes"].append)
     cache = start(trial_config("confirm", source=OTHER), node["folder"], GPU, node["notes"].append)
     assert (cache / "torchinductor" / "planted.py").read_text() == "poison"  # its own rerun: what it wrote
+
+
+def test_by_default_no_run_starts_from_what_an_earlier_run_of_its_source_left(node):
+    """The attack: a first run saves its trained weights in its compile cache and ends ok; with `own` they become
+    its source's seed, and its confirmation reruns (and, once it is promoted, the baseline's control runs) load them
+    and train on from there: twice the budget, in the runs that decide its promotion and the bar after it. A seed
+    can hold anything a run wrote, so by default (`private`) no run's cache outlives it."""
+    default = {k: v for k, v in trial_config().items() if k != "compile_cache"}
+    assert start(default, node["folder"], GPU, node["notes"].append) is None  # the sandbox's own /tmp
+    finish(default, None, "ok", GPU, node["notes"].append)
+    assert not node["seeds"].exists() and node["notes"] == []
+    run(node, trial_config(), {"weights.pt": "trained for the budget"})  # opt-in `own`: it carries over
+    cache = start(trial_config("confirm"), node["folder"], GPU, node["notes"].append)
+    assert (cache / "weights.pt").read_text() == "trained for the budget"
 
 
 def test_seeded_mode_starts_a_first_run_from_its_baselines_seed_and_seals_its_own(node):
@@ -261,12 +277,24 @@ def test_a_candidates_writes_to_its_copy_never_reach_the_seed(node):
     assert tree(seed_of(node, THIRD)) == {"torchinductor/x.py": b"poisoned", "torchinductor/planted.py": b"poisoned"}
 
 
-def test_the_key_differs_per_baseline_and_gpu_and_is_a_safe_file_name():
-    keys = {key(b, g) for b in ("base-aaaaaaaaaaaa", "base-bbbbbbbbbbbb")
+def test_the_key_differs_per_source_and_gpu_and_is_a_safe_file_name():
+    keys = {key(s, g) for s in ("a" * 64, "b" * 64)
             for g in ("NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA H100_80GB HBM3", "cpu")}
     assert len(keys) == 8
-    odd = key("base-aaaaaaaaaaaa", "../../etc/x y\n")
-    assert all(c.isalnum() or c in "-_." for c in odd) and odd.startswith("base-") and len(odd) < 200
+    odd = key("a" * 64, "../../etc/x y\n")
+    assert all(c.isalnum() or c in "-_." for c in odd) and odd.startswith("a" * 64 + "-") and len(odd) < 200
+
+
+def test_two_sources_whose_short_ids_match_have_seeds_of_their_own(node, monkeypatch):
+    """The attack: a candidate searches for a source whose sha256 starts with the baseline's 12 digits (its short
+    id, `base-…`: 2^48 hashes, hours of one GPU), and seals its code as the baseline's seed, which the baseline's
+    control runs would then load. A seed is keyed by the whole sha256."""
+    monkeypatch.setattr(compilecache, "sha256_bytes",
+                        lambda data: "abcdef012345" + ("0" if data == SOURCE.encode() else "1") * 52)
+    forged = trial_config("candidate", source=OTHER)
+    run(node, forged, {"torchinductor/planted.py": "poison"})
+    cache = start(trial_config("control"), node["folder"], GPU, node["notes"].append)
+    assert list(cache.iterdir()) == [] and "compiles from scratch" in node["notes"][-1]
 
 
 def test_the_trials_cache_folder_cannot_be_imported_by_the_evaluation():
@@ -330,7 +358,7 @@ def test_inside_the_sandbox_the_seed_is_hidden_and_the_cache_writable(monkeypatc
         monkeypatch.setenv(DATA_CACHE_ENV, str(base / "node-cache"))
         monkeypatch.setattr(sandbox, "SYSTEM_FOLDERS", (*sandbox.SYSTEM_FOLDERS, base))  # as if under /opt
         config = {**trial_config(), "data_dir": str(root / "data"), "root": str(root)}
-        seed = seeds / key(config["baseline"], "cpu")
+        seed = seeds / key(config["baseline_sha256"], "cpu")
         (seed / "triton").mkdir(parents=True)
         (seed / "triton" / "seeded.txt").write_text("from the seed")
         folder = root / "results" / "runs" / "t1"
@@ -396,7 +424,7 @@ def test_run_trial_seals_with_the_control_run_and_seeds_the_candidate(tmp_path, 
         assert row["status"] == "ok", row["reason"]
         assert not (tmp_path / "runs" / trial / compilecache.FOLDER).exists()
     control_log, candidate_log = ((tmp_path / "runs" / t / "log.txt").read_text() for t in ("b-c0", "c-r1"))
-    seed = tmp_path / "node-cache" / compilecache.SEEDS / key(trial_config(baseline_source=baseline)["baseline"], "cpu")
+    seed = tmp_path / "node-cache" / compilecache.SEEDS / key(sha256_bytes(baseline.encode()), "cpu")
     assert "SEEDED: nothing" in control_log and f"compile cache: sealed seed {seed.name} (1 files" in control_log
     assert f"compile cache: started from seed {seed.name} (1 files" in candidate_log
     assert "SEEDED: the control run" in candidate_log

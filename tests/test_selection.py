@@ -204,3 +204,20 @@ def test_a_forged_reference_is_refuted_by_an_audited_run_and_what_it_stopped_run
     assert decided["decision"] == "confirm", decided  # judged on its score, not rejected for the stopped run
     again = Selection(str(tmp_path))  # the refutation survives a restart of the actor
     assert again.sync_baseline()["refuted"] is True
+
+
+def test_a_run_stopped_by_refuted_curves_after_the_refutation_runs_again_too(tmp_path):
+    """The race: trials already running when an audited run refutes the baseline's curves were handed those
+    curves, and the rule may still stop them; their rows come in after the refutation. Each is excused and run
+    again like those stopped before it, not rejected for a stop the selection already knows to be wrong."""
+    layout, selection, base = fresh(tmp_path)
+    for i, bpc in enumerate([2.00, 2.01, 1.99]):
+        selection.record(row(f"c{i}", base, "control", bpc, base))
+    sha = "0" * 64
+    selection.record({**row("b-r1", "b", "candidate", 2.005, base, sha), "early_stop_at": 90.0})
+    assert selection.sync_baseline()["refuted"] is True
+    late = {**row("a-r1", "a", "candidate", None, base, sha), "status": "stopped_early", "early_stop_at": 90.0}
+    assert selection.record(late)["verdict"] == "confirming"
+    assert [(e.kind, e.trial_id) for e in queue.pending(layout) if e.candidate_id == "a"] == [("confirm", "a-r2")]
+    decided = selection.record(row("a-r2", "a", "confirm", 1.90, base, sha))
+    assert decided["decision"] == "confirm", decided  # judged on its score, its stopped run excused
