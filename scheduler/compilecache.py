@@ -20,15 +20,17 @@ run, so tests can exercise them):
 - A trial that ends `ok` seals the seed of the source it ran (hashed here, by
   the trusted side) where none exists: the trusted side copies its cache there
   (into a temporary folder beside it, then a rename, under a file lock).
+- `private` (default): nothing is shared, nothing sealed.
 - `own` (opt-in): a trial starts from a copy of its own source's seed: reruns
   and control runs start warm, and no code reaches a trial that its own source
   did not write. But a seed holds whatever the run wrote there, trained weights
   too: a rerun may train on from its first run's model, past the budget, in the
   runs that decide a promotion (and a promoted baseline's control runs set the
-  bar so). So `private`, the default, shares nothing. `seeded`: a trial whose source has no seed yet starts from its
+  bar so). Nothing tells compiler output from a candidate's file.
+- `seeded` (opt-in): a trial whose source has no seed yet starts from its
   baseline's seed instead: first runs of candidates start warm too, and the
-  promoted baseline's compiler output runs in its candidates' training (opt-in:
-  docs/reliability.md). `private`: nothing is shared.
+  promoted baseline's compiler output runs in its candidates' training
+  (docs/reliability.md).
 
 The copier treats a cache as hostile input (code in a sandbox wrote it): it
 walks by directory file descriptors without following links, copies only
