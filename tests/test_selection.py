@@ -124,8 +124,9 @@ def test_launch_promotes_a_clearly_better_candidate(tmp_path, corpus):
     good = tmp_path / "good.py"
     good.write_text(variant(LEARNING_RATE=1e-2, MUON_LEARNING_RATE=1e-2))  # learns much faster in 2 s
     cid = scheduler(root, "submit", str(good), "--agent", "a1", "-m", "learning rate 1e-2").stdout.strip()
+    # the fewest runs a noise-aware promotion takes (2 control runs, 1 rerun): the rule's numbers are tested above
     done = scheduler(root, "launch", "--pretend-gpus", "2", "--device", "cpu", "--budget", "2", "--no-dashboard",
-                     "--exit-when-idle")
+                     "--exit-when-idle", "--min-baseline-runs", "2", "--confirmations", "1")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = results.read_trials(root / "results")
     mine = rows[rows["candidate_id"] == cid]
