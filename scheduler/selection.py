@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from statistics import fmean
 
 from scheduler import queue, results
 from scheduler.atomic import atomic_write
@@ -420,12 +421,12 @@ class Selection:
         that ended within WRONG_STOP_SIGMAS σ of the baseline, or better, refutes those curves (honest noise, or a
         baseline printing its loss lower than it is): they stop nothing more, and every candidate they stopped
         gets a rerun (its stopped run no fault of its own)."""
-        base = self.keeper.id
-        scores = self.rule.baseline_scores(gpu)
-        if (row["status"] != "ok" or row.get("early_stop_at") is None or row.get("baseline") != base
-                or base in self.state.refuted or not scores
-                or row["val_bpc"] > sum(scores) / len(scores) + WRONG_STOP_SIGMAS * self.rule.sigma(gpu)):
+        base, scores = self.keeper.id, self.rule.baseline_scores(gpu)
+        would_stop = row["status"] == "ok" and row.get("early_stop_at") is not None and row.get("baseline") == base
+        if not would_stop or base in self.state.refuted or not scores:
             return
+        if row["val_bpc"] > fmean(scores) + WRONG_STOP_SIGMAS * self.rule.sigma(gpu):
+            return  # a right stop
         self.state.refuted.append(base)
         reopened = [cid for cid, c in self.state.candidates.items() if c.stopped_by == base and c.done
                     and not any(c.scores.values())]
