@@ -9,11 +9,15 @@
 # so a call cut off by the device's time limit still brings back the curves recorded so far (a LIMIT below the
 # call's limit leaves time for the last copy and the rows). --prior-sigma 1 keeps every candidate from earning
 # reruns: the launch stays the size asked for. Replay the early-stop rule on the logs afterwards with
-# `python bench/early_stop_sim.py --logs DIR --budget BUDGET`.
+# `python bench/early_stop_sim.py --logs DIR --budget BUDGET`. gpu.csv samples the GPU's use every 0.5 s (how busy
+# it is while a trial starts up, compiles and captures, against the rows' start times).
 source .device-bundle/setup.sh || exit 1
 export PYTHONUNBUFFERED=1
 : "${OUT:?set OUT to the folder that comes back}"
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+nvidia-smi --query-gpu=timestamp,utilization.gpu,power.draw,memory.used --format=csv,noheader -lms 500 \
+    > "$OUT/gpu.csv" 2>/dev/null &
+sampler=$!
 python3 -m scheduler prepare --from data/proxy100m.bin | tail -1
 IFS='|' read -ra wanted <<< "${VARIANTS:-}"
 variants=()
@@ -29,7 +33,7 @@ copier=$!
 timeout "${LIMIT:-540}" python3 bench/scheduler_run.py --budget "${BUDGET:-60}" "${variants[@]}" -- --no-dashboard \
     --min-baseline-runs "${CONTROLS:-3}" --prior-sigma 1 ${LAUNCH_ARGS:-} > "$OUT/launch.txt" 2>&1
 echo "scheduler_run exited $?"
-kill "$copier"
+kill "$copier" "$sampler"
 copy_logs
 cp -r results/trials "$OUT/trials" 2>/dev/null
 grep -v "FutureWarning\|return cls" "$OUT/launch.txt" | tail -30
