@@ -133,6 +133,8 @@ class OutputLog:
             if self._head_left > 0:
                 self._file.write(line)
                 self._head_left -= len(raw)
+                if line.startswith(PROGRESS_TAG):  # on disk as it comes: whoever follows the log (a person, a
+                    self._file.flush()              # copy of a run cut off early) sees the curve so far
             else:
                 if len(self.tail) == self.tail.maxlen:
                     self.dropped += 1

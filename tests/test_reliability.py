@@ -17,7 +17,8 @@ from scheduler import results
 from scheduler.cli import build_parser
 from scheduler.launch import LOCAL_HOST, dashboard_lines
 from scheduler.selection import ACTOR_NAME
-from scheduler.trial import HANDOVER_MARGIN, MARK, PASSED_ENV, TrialClock, candidate_env
+from scheduler.protocol import PROGRESS_TAG
+from scheduler.trial import HANDOVER_MARGIN, MARK, PASSED_ENV, OutputLog, TrialClock, candidate_env
 
 from conftest import make_root, scheduler, trial_processes, wait_for
 
@@ -159,3 +160,17 @@ def test_dashboard_stays_local_unless_told_and_says_how_to_get_the_token():
     assert len(local) == 1 and "cat ~/.ray/auth_token" in local[0] and "warning" not in local[0]
     exposed = dashboard_lines("0.0.0.0", "0.0.0.0:8265")
     assert exposed[1].startswith("warning: the dashboard listens on 0.0.0.0")
+
+
+def test_a_progress_line_is_in_the_log_file_while_the_run_goes_on(tmp_path):
+    """The log is what a run cut off early (a machine given back, a node lost) leaves of its curve: each progress
+    line reaches the file when it comes, not when the trial ends."""
+    read_end, write_end = os.pipe()
+    log = OutputLog(tmp_path / "log.txt")
+    log.follow(os.fdopen(read_end, "rb"))
+    line = PROGRESS_TAG + json.dumps({"training_seconds": 1.0, "loss": 2.5}) + "\n"
+    os.write(write_end, line.encode())
+    wait_for(lambda: log.progress, timeout=10, what="the progress line to be read")
+    assert line in (tmp_path / "log.txt").read_text()
+    os.close(write_end)
+    log.close()
