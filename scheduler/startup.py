@@ -117,16 +117,16 @@ class GpuMeter(Meter):
         return None if self.unmeasured else self._busy
 
 
-def cpu_times(pid: int) -> tuple[int, float] | None:
-    """(parent pid, CPU seconds of the process and of the children it reaped) from /proc/PID/stat; None when it
-    is gone. A zombie still answers, with its final times."""
+def cpu_times(pid: int) -> tuple[int, int, float] | None:
+    """(start time in ticks since boot, parent pid, CPU seconds of the process and of the children it reaped) from
+    /proc/PID/stat; None when it is gone. A zombie still answers, with its final times."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = text[text.rindex(")") + 2:].split()  # after the command name, which may hold spaces and ')'
-    ppid, (utime, stime, cutime, cstime) = int(fields[1]), map(int, fields[11:15])
-    return ppid, (utime + stime + cutime + cstime) / CLOCK_TICKS
+    utime, stime, cutime, cstime = map(int, fields[11:15])
+    return int(fields[19]), int(fields[1]), (utime + stime + cutime + cstime) / CLOCK_TICKS
 
 
 class CpuMeter(Meter):
@@ -137,17 +137,22 @@ class CpuMeter(Meter):
 
     def __init__(self, mark: str, spare_pid: int | None) -> None:
         self.mark, self.spare = mark, spare_pid
-        self._seen: dict[int, tuple[int, float]] = {}  # pid -> (parent pid, seconds) at its last reading
+        # (pid, start time) -> (parent pid, seconds) at its last reading: the start time tells a pid used again
+        self._seen: dict[tuple[int, int], tuple[int, float]] = {}
         self._busy = 0.0
 
     def poll(self) -> None:
-        live = set()
-        # the pids seen before are read too: a zombie has lost its marker (its environment), not its times
-        for pid in {*trial.marked(self.mark), *self._seen}:
-            if pid != self.spare and (read := cpu_times(pid)):
-                self._seen[pid] = read
-                live.add(pid)
-        total = sum(seconds for pid, (ppid, seconds) in self._seen.items() if pid in live or ppid not in live)
+        marked = set(trial.marked(self.mark))
+        live: dict[int, int] = {}  # pid -> start time, of the processes read now
+        # the processes seen before are read too: a zombie has lost its marker (its environment), not its times
+        for pid in marked | {pid for pid, _ in self._seen}:
+            read = cpu_times(pid) if pid != self.spare else None
+            if read and (pid in marked or (pid, read[0]) in self._seen):
+                start, ppid, seconds = read
+                self._seen[pid, start] = ppid, seconds
+                live[pid] = start
+        total = sum(seconds for (pid, start), (ppid, seconds) in self._seen.items()
+                    if live.get(pid) == start or ppid not in live)
         self._busy = max(self._busy, total)  # a child between its exit and its parent's reaping counts nowhere
 
     def busy_seconds(self) -> float | None:
