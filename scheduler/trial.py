@@ -9,7 +9,9 @@ sandbox (scheduler/sandbox.py) with the budget, seed and the train split's path
 in the environment. The trial streams the harness's progress lines to Tune
 (the dashboard and `status` show them), keeps the output in a size-capped log,
 and ends the training by its own clock (`TrialClock`): the start-up allowance
-until the first progress line, then the budget and a short hand-over margin.
+until the first progress line, then the budget and a short hand-over margin;
+before that line the device may work only a few seconds (`StartupWork`,
+scheduler/startup.py), or the run is refused.
 
 `python -m scheduler.evaluate`, started beside training and waiting with its
 library imports done, then scores the model the candidate handed over as data
