@@ -5,13 +5,14 @@ the trial, in wall time, and a candidate that trained silently there would get t
 start-up is mostly CPU work (imports, the model, the export check, torch.compile) and a few seconds of device
 work (the harness's uncounted warm-up steps, CUDA graph capture, cuBLAS's start, the first counted second). So
 the trial measures the device's work from the training's start to its first progress line with a `Meter`, and
-refuses the run once it passes STARTUP_WORK_FREE (`verdict`).
+refuses the run once it passes FREE_SECONDS for its device (`verdict`).
 
 - On a GPU, `GpuMeter` adds up NVML's utilisation samples of the trial's GPU (the whole GPU: the evaluation's
   warm-up beside training, milliseconds, counts too). It never initialises CUDA in the trial's worker.
 - On the CPU (`--device cpu`: tests, demos), `CpuMeter` adds up the CPU seconds of the trial's processes.
 - On a GPU where NVML does not work, nothing is measured (`Unmeasured`): the trial says so in its log and
-  checks nothing.
+  checks nothing. NVML that fails after the meter started (`failed`) stops the run: the check must not be a
+  thing a candidate can break.
 
 The trial reads its meter at every look (every 2 s at most) until its first look after the first progress
 line: the free seconds also cover that look's delay.
@@ -21,31 +22,40 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
 
-from scheduler import trial  # its marked(); trial imports this module: read at call time
-
-STARTUP_WORK_FREE = 10.0   # seconds of device work allowed before the first progress line
+# Seconds of device work allowed before the first progress line. A GPU: an honest start-up keeps it busy at most
+# 1.5 s (H200, proxy corpus, the default train.py, 2026-12-03: bench/curves/h200-300s/gpu.csv), and the check's
+# last look may add a counted 2 s. The CPU (tests, demos) also runs the imports: 4-6 s on a 2-core machine.
+FREE_SECONDS = {"cuda": 10.0, "cpu": 20.0}
 MAX_SAMPLE_PERIOD = 1.0    # seconds: a longer gap between NVML samples (the first after the start) counts as this
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc/PID/stat counts CPU time in these
 
 
-def verdict(busy: float | None, device: str) -> str | None:
-    """Why a run that worked the device `busy` seconds before its first progress line must stop, or None."""
-    if busy is None or busy <= STARTUP_WORK_FREE:
+def verdict(busy: float | None, device: str, failed: str | None = None) -> str | None:
+    """Why a run that worked the device `busy` seconds before its first progress line must stop, or None. A meter
+    that `failed` after it had started measuring stops it too: a candidate must not turn the check off."""
+    if failed:
+        return (f"its device's work before the first progress line could not be read ({failed}): "
+                "the run could not be checked; submit it again")
+    free = FREE_SECONDS[device]
+    if busy is None or busy <= free:
         return None
     return (f"the {'GPU' if device == 'cuda' else 'CPU'} worked {busy:.1f} s before the first progress line "
-            f"({STARTUP_WORK_FREE:.0f} s allowed: compile and the first steps, not training): train only inside "
-            "the budget, through run.step")
+            f"({free:.0f} s allowed: compile and the first steps, not training): train only inside the budget, "
+            "through run.step")
 
 
 class Meter:
     """Device work of a trial's training (the meter is made just before it starts). `poll()` reads what is new
     (the trial calls it at every look); `busy_seconds()` is the total so far, which never decreases, or None
-    when it cannot be measured (`unmeasured` then says why)."""
+    when it cannot be measured (`unmeasured` then says why). `failed` says why a meter that was measuring
+    stopped (the total stays what it was)."""
 
     unmeasured: str | None = None
+    failed: str | None = None
 
     def poll(self) -> None:
         raise NotImplementedError
@@ -101,12 +111,12 @@ class GpuMeter(Meter):
         return sorted((s for s in samples if s.timeStamp > self._last), key=lambda s: s.timeStamp)
 
     def poll(self) -> None:
-        if self.unmeasured:
+        if self.failed:
             return
         try:
             samples = self._samples()
         except self._nvml.NVMLError as error:
-            self.unmeasured = f"NVML failed while measuring ({error})"
+            self.failed = f"NVML failed while measuring: {error}"
             return
         for sample in samples:
             period = min((sample.timeStamp - self._last) / 1e6, MAX_SAMPLE_PERIOD)
@@ -114,7 +124,7 @@ class GpuMeter(Meter):
             self._last = sample.timeStamp
 
     def busy_seconds(self) -> float | None:
-        return None if self.unmeasured else self._busy
+        return self._busy
 
 
 def cpu_times(pid: int) -> tuple[int, int, float] | None:
@@ -130,19 +140,19 @@ def cpu_times(pid: int) -> tuple[int, int, float] | None:
 
 
 class CpuMeter(Meter):
-    """CPU seconds of the processes that carry the trial's environment marker, the evaluation (`spare_pid`)
-    excepted: all their seconds, so the trial makes it before it starts the training. A process that is gone
-    keeps what was last read of it, unless the parent that reaped it is still measured (its reaped children's
-    seconds then hold it)."""
+    """CPU seconds of the trial's processes (`processes()` lists them: those carrying its environment marker),
+    the evaluation (`spare_pid`) excepted: all their seconds, so the trial makes it before it starts the training.
+    A process that is gone keeps what was last read of it, unless the parent that reaped it is still measured
+    (its reaped children's seconds then hold it)."""
 
-    def __init__(self, mark: str, spare_pid: int | None) -> None:
-        self.mark, self.spare = mark, spare_pid
+    def __init__(self, processes: Callable[[], Iterable[int]], spare_pid: int | None) -> None:
+        self.processes, self.spare = processes, spare_pid
         # (pid, start time) -> (parent pid, seconds) at its last reading: the start time tells a pid used again
         self._seen: dict[tuple[int, int], tuple[int, float]] = {}
         self._busy = 0.0
 
     def poll(self) -> None:
-        marked = set(trial.marked(self.mark))
+        marked = set(self.processes())
         live: dict[int, int] = {}  # pid -> start time, of the processes read now
         # the processes seen before are read too: a zombie has lost its marker (its environment), not its times
         for pid in marked | {pid for pid, _ in self._seen}:
@@ -159,11 +169,11 @@ class CpuMeter(Meter):
         return self._busy
 
 
-def meter_for(device: str, mark: str, spare_pid: int | None) -> Meter:
+def meter_for(device: str, processes: Callable[[], Iterable[int]], spare_pid: int | None) -> Meter:
     """The meter of a trial's device: NVML on a GPU (the first entry of CUDA_VISIBLE_DEVICES, an NVML index in
-    PCI bus order, as trial.gpu_name asks nvidia-smi), the marked processes' CPU seconds on the CPU."""
+    PCI bus order, as trial.gpu_name asks nvidia-smi), the CPU seconds of `processes()` on the CPU."""
     if device != "cuda":
-        return CpuMeter(mark, spare_pid)
+        return CpuMeter(processes, spare_pid)
     first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0]
     if not first.isdigit():
         return Unmeasured(f"CUDA_VISIBLE_DEVICES names no GPU index ({first!r})")

@@ -214,7 +214,7 @@ class StartupWork:
             return None
         self.meter.poll()
         self.settled = first_progress is not None
-        self.reason = startup.verdict(self.meter.busy_seconds(), self.device)
+        self.reason = startup.verdict(self.meter.busy_seconds(), self.device, self.meter.failed)
         return self.reason
 
     def seconds(self) -> float | None:
@@ -519,7 +519,7 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
     clock = TrialClock(config["budget"], config["startup_allowance"])
     try:
         command, training_env = training_command(config, work, env, launch_data, cache)
-        work_before = StartupWork(startup.meter_for(config["device"], env[MARK], evaluation.pid), config["device"])
+        work_before = StartupWork(startup.meter_for(config["device"], lambda: marked(env[MARK]), evaluation.pid), config["device"])
         if work_before.meter.unmeasured:
             log.note(f"start-up work not measured: {work_before.meter.unmeasured}")
         training = start_process(command, work, training_env)

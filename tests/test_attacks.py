@@ -37,7 +37,7 @@ import pytest
 
 from scheduler import handover, results
 from scheduler.protocol import PROGRAM_FILE, WEIGHTS_FILE
-from scheduler.startup import STARTUP_WORK_FREE
+from scheduler.startup import FREE_SECONDS
 from scheduler.trial import LOG_HEAD_BYTES
 
 from conftest import BackgroundLaunch, make_corpus, scheduler, trial_processes
@@ -603,10 +603,10 @@ if __name__ == "__main__":
     sys.exit(1)
 '''
 
-# Trains before its first progress line, where the budget's clock has not started, for 25 CPU seconds (the trial's
-# CPU meter allows 10, imports included), then the same 12 steps as the honest run, through the harness.
+# Trains before its first progress line, where the budget's clock has not started, for 30 CPU seconds (the trial's
+# CPU meter allows 20, imports included), then the same 12 steps as the honest run, through the harness.
 SILENT_PRETRAINING = HONEST + '''
-SILENT_CPU_SECONDS = 25.0
+SILENT_CPU_SECONDS = 30.0
 
 
 def train_silently(run, bigram):
@@ -1168,14 +1168,14 @@ def test_an_operator_that_reads_a_file_is_refused(attacked):
 def test_training_before_the_first_progress_line_gains_nothing(attacked):
     """It trains silently before its first progress line (where the budget's clock has not started), then the
     honest 12 steps. (Was: `ok`, 3.23 bpc against the honest 4.49.) The trial measures the device's work before
-    that line, here the trial's CPU seconds: past STARTUP_WORK_FREE the run is stopped and refused, unscored.
+    that line, here the trial's CPU seconds: past FREE_SECONDS the run is stopped and refused, unscored.
     The honest baseline's control run worked less before its line (4-6 CPU s, three trials on 2 cores)."""
     row = attacked.rows["silent_pretraining"]
     assert row["status"] == "refused", (row["status"], row["reason"])
     assert row["reason"].startswith("the CPU worked") and "s before the first progress line" in row["reason"]
-    assert row["startup_work_seconds"] >= STARTUP_WORK_FREE and row["val_bpc"] is None  # rounded to 0.1 s
+    assert row["startup_work_seconds"] >= FREE_SECONDS["cpu"] and row["val_bpc"] is None  # rounded to 0.1 s
     control = attacked.rows["control"]
-    assert control["status"] == "ok" and 0 < control["startup_work_seconds"] < STARTUP_WORK_FREE, control
+    assert control["status"] == "ok" and 0 < control["startup_work_seconds"] < FREE_SECONDS["cpu"], control
 
 
 @pytest.mark.slow

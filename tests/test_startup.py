@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 from scheduler import startup
-from scheduler.startup import STARTUP_WORK_FREE, CpuMeter, GpuMeter, Unmeasured, meter_for, verdict
-from scheduler.trial import MARK, StartupWork
+from scheduler.startup import FREE_SECONDS, CpuMeter, GpuMeter, Unmeasured, meter_for, verdict
+from scheduler.trial import MARK, StartupWork, marked
 
 from conftest import wait_for
 
@@ -100,22 +100,25 @@ def test_the_gpu_meter_on_a_fresh_buffer_counts_at_most_a_period_for_its_first_s
 
 def test_a_gpu_is_measured_by_its_nvml_index_or_not_at_all(fake_nvml, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
-    assert isinstance(meter_for("cuda", "mark", None), GpuMeter) and fake_nvml.handles == [3]
+    assert isinstance(meter_for("cuda", list, None), GpuMeter) and fake_nvml.handles == [3]
     fake_nvml.failure = fake_nvml.NVML_ERROR_NOT_SUPPORTED  # no utilisation samples (a MIG slice, say)
-    unmeasured = meter_for("cuda", "mark", None)
+    unmeasured = meter_for("cuda", list, None)
     assert isinstance(unmeasured, Unmeasured) and unmeasured.busy_seconds() is None
     assert unmeasured.unmeasured.startswith("NVML unavailable (NVMLError: NVML error 3)"), unmeasured.unmeasured
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1234")
-    assert "names no GPU index" in meter_for("cuda", "mark", None).unmeasured
+    assert "names no GPU index" in meter_for("cuda", list, None).unmeasured
 
 
-def test_a_gpu_meter_whose_nvml_fails_later_says_so_and_measures_nothing(fake_nvml):
+def test_a_gpu_meter_whose_nvml_fails_later_stops_the_run(fake_nvml):
+    """NVML that worked at the start and fails during it: the run cannot be checked, so it is not run on (the
+    check must not be a thing a candidate can turn off)."""
     meter = GpuMeter(0)
     fake_nvml.add(0.0, 1.0, 100)
     meter.poll()
     fake_nvml.failure = 999
-    meter.poll()
-    assert meter.busy_seconds() is None and "NVML failed while measuring" in meter.unmeasured
+    work = StartupWork(meter, "cuda")
+    assert work.overdue(None) == work.reason and "NVML failed while measuring: NVML error 999" in work.reason
+    assert work.reason.endswith("the run could not be checked; submit it again") and work.seconds() == 1.0
 
 
 def test_no_nvml_on_a_gpu_means_no_check(monkeypatch):
@@ -124,7 +127,7 @@ def test_no_nvml_on_a_gpu_means_no_check(monkeypatch):
 
     monkeypatch.setattr(startup, "nvml", missing)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    meter = meter_for("cuda", "mark", None)
+    meter = meter_for("cuda", list, None)
     assert meter.unmeasured == "NVML unavailable (OSError: libnvidia-ml.so.1: cannot open shared object file)"
     assert verdict(meter.busy_seconds(), "cuda") is None
 
@@ -154,7 +157,7 @@ def test_the_cpu_meter_counts_the_marked_processes_and_keeps_what_ended(tmp_path
     spared = marked_python(mark, BURN, BURN_SECONDS, 30)            # the evaluation, say: never counted
     other = marked_python(f"{mark}-other", BURN, BURN_SECONDS, 30)  # another trial's
     ended = marked_python(mark, BURN, BURN_SECONDS, 1)              # burns, sleeps a second, exits
-    meter = CpuMeter(mark, spared.pid)
+    meter = CpuMeter(lambda: marked(mark), spared.pid)
     later = None
     try:
         read_until(meter, ended, "burnt")
@@ -176,7 +179,7 @@ def test_the_cpu_meter_counts_a_reaped_child_once(tmp_path):
     times, and count once."""
     mark = f"{tmp_path}/tree"
     parent = marked_python(mark, PARENT, BURN, BURN_SECONDS, 30)
-    meter = CpuMeter(mark, None)
+    meter = CpuMeter(lambda: marked(mark), None)
     try:
         read_until(meter, parent, "reaped")
         busy = meter.busy_seconds()
@@ -188,11 +191,12 @@ def test_the_cpu_meter_counts_a_reaped_child_once(tmp_path):
 
 def test_work_above_the_free_seconds_is_refused_and_below_is_not():
     assert verdict(None, "cuda") is None and verdict(0.0, "cpu") is None
-    assert verdict(STARTUP_WORK_FREE, "cuda") is None
+    assert verdict(FREE_SECONDS["cuda"], "cuda") is None and verdict(FREE_SECONDS["cpu"], "cpu") is None
     reason = verdict(23.44, "cuda")
     assert reason == ("the GPU worked 23.4 s before the first progress line (10 s allowed: compile and the first "
                       "steps, not training): train only inside the budget, through run.step"), reason
-    assert verdict(STARTUP_WORK_FREE + 0.1, "cpu").startswith("the CPU worked 10.1 s before the first progress line")
+    assert verdict(FREE_SECONDS["cpu"] + 0.1, "cpu").startswith(
+        f"the CPU worked {FREE_SECONDS['cpu'] + 0.1:.1f} s before the first progress line")
 
 
 class Scripted(startup.Meter):
