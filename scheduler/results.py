@@ -77,6 +77,7 @@ _TRIAL_COLUMNS = [
     ("seed", "int64"),
     ("sandbox", "string"),            # what the candidate ran in: bwrap, or none (launch --sandbox none)
     ("startup_seconds", "float64"),   # trial start to the first progress line, on the trial's own clock
+    ("startup_work_seconds", "float64"),  # device work before the first progress line (scheduler/startup.py)
     ("curve", "list_float64"),        # mean training loss in each 5% of the budget (scheduler/earlystop.py)
     ("early_stop_at", "float64"),     # counted seconds at which the early-stop rule stopped it, or would have
     ("submitted_at", TIME),

@@ -9,7 +9,9 @@ sandbox (scheduler/sandbox.py) with the budget, seed and the train split's path
 in the environment. The trial streams the harness's progress lines to Tune
 (the dashboard and `status` show them), keeps the output in a size-capped log,
 and ends the training by its own clock (`TrialClock`): the start-up allowance
-until the first progress line, then the budget and a short hand-over margin.
+until the first progress line, then the budget and a short hand-over margin;
+before that line the device may work only a few seconds (`StartupWork`,
+scheduler/startup.py), or the run is refused.
 
 `python -m scheduler.evaluate`, started beside training and waiting with its
 library imports done, then scores the model the candidate handed over as data
@@ -36,7 +38,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from scheduler import claims, compilecache
+from scheduler import claims, compilecache, startup
 from scheduler.atomic import atomic_path
 from scheduler.earlystop import CURVE_WINDOWS, STOPPED_EARLY, Curve, EarlyStop
 from scheduler.results import CONFIG_COLUMNS
@@ -197,6 +199,31 @@ class TrialClock:
     def window_seconds(self, first_progress: float | None) -> float | None:
         """Seconds from the first progress line to now: the most training time a run can truly have had."""
         return None if first_progress is None else time.monotonic() - first_progress
+
+
+class StartupWork:
+    """The check of a training's device work before its first progress line (scheduler/startup.py): its meter is
+    read at every look until the first look after that line, and past the free seconds the run is refused."""
+
+    def __init__(self, meter: startup.Meter, device: str) -> None:
+        self.meter, self.device = meter, device
+        self.reason: str | None = None  # the refusal, once made
+        self.settled = False            # read for the last time: the first progress line had come
+
+    def overdue(self, first_progress: float | None) -> str | None:
+        """Why the training must stop now, or None; after the reading that settles it, always None."""
+        if self.settled:
+            return None
+        self.meter.poll()
+        self.settled = first_progress is not None
+        self.reason = startup.verdict(self.meter.busy_seconds(), self.device, self.meter.failed)
+        return self.reason
+
+    def seconds(self) -> float | None:
+        """The row's figure: the device work read last (at the first look after the first progress line, or when
+        the training ended without one), to 0.1 s; None when not measured."""
+        busy = self.meter.busy_seconds()
+        return None if busy is None else round(busy, 1)
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -494,23 +521,32 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
     clock = TrialClock(config["budget"], config["startup_allowance"])
     try:
         command, training_env = training_command(config, work, env, launch_data, cache)
+        work_before = StartupWork(startup.meter_for(config["device"], lambda: marked(env[MARK]), evaluation.pid), config["device"])
+        if work_before.meter.unmeasured:
+            log.note(f"start-up work not measured: {work_before.meter.unmeasured}")
         training = start_process(command, work, training_env)
     except Exception:
         kill_group(evaluation)
         raise
     # the early-stop rule looks once a window at least (a CPU test's seconds budget has windows of 0.1 s)
     code, stopped = await_process(training, log, report_progress, env[MARK], spare=evaluation.pid,
-                                  overdue=lambda: clock.overdue(log.first_progress) or early.overdue(curve),
+                                  overdue=lambda: (clock.overdue(log.first_progress)
+                                                   or work_before.overdue(log.first_progress) or early.overdue(curve)),
                                   look_every=min(REPORT_EVERY, config["budget"] / CURVE_WINDOWS))
+    if not stopped and not work_before.settled:  # it ended before the first look after its first progress line
+        refusal = work_before.overdue(log.first_progress)  # (or without one: then only the row's figure counts)
+        stopped = refusal if log.first_progress is not None else None
     window = clock.window_seconds(log.first_progress)  # the sandbox is gone: nothing of the candidate runs now
     row["startup_seconds"] = clock.startup_seconds(log.first_progress)
+    row["startup_work_seconds"] = work_before.seconds()
     if not stopped:
         early.settle(curve)  # the whole curve: a shadow row says what the rule says of the finished run
     row.update(curve=curve.values(), early_stop_at=early.stopped_at)
     figures: dict = {}
     if stopped:
         kill_group(evaluation)  # nothing to score
-        status, reason = (STOPPED_EARLY, stopped) if stopped == early.reason else ("timeout", stopped)
+        status, reason = (STOPPED_EARLY if stopped == early.reason else "refused" if stopped == work_before.reason
+                          else "timeout"), stopped
     elif code != 0:
         kill_group(evaluation)
         status, reason = classify(code, log.last_lines(), TRAINING_TAGS)

@@ -37,6 +37,7 @@ import pytest
 
 from scheduler import handover, results
 from scheduler.protocol import PROGRAM_FILE, WEIGHTS_FILE
+from scheduler.startup import FREE_SECONDS
 from scheduler.trial import LOG_HEAD_BYTES
 
 from conftest import BackgroundLaunch, make_corpus, scheduler, trial_processes
@@ -602,16 +603,16 @@ if __name__ == "__main__":
     sys.exit(1)
 '''
 
-# New (a hole, xfail): trains before its first progress line, where only the start-up allowance bounds it, then
-# the same 12 steps as the honest run, through the harness.
+# Trains before its first progress line, where the budget's clock has not started, for 30 CPU seconds (the trial's
+# CPU meter allows 20, imports included), then the same 12 steps as the honest run, through the harness.
 SILENT_PRETRAINING = HONEST + '''
-SILENT_SECONDS = 8.0
+SILENT_CPU_SECONDS = 30.0
 
 
 def train_silently(run, bigram):
     optimizer = torch.optim.Adam(bigram.parameters(), lr=LEARNING_RATE)
-    started = time.monotonic()
-    while time.monotonic() - started < SILENT_SECONDS:
+    started = time.process_time()
+    while time.process_time() - started < SILENT_CPU_SECONDS:
         batch = run.batch(BATCH_SIZE, SEQ_LEN)
         loss = F.cross_entropy(bigram(batch[:, :-1]).reshape(-1, 256), batch[:, 1:].reshape(-1))
         optimizer.zero_grad()
@@ -1164,14 +1165,17 @@ def test_an_operator_that_reads_a_file_is_refused(attacked):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="hole: training done before the first progress line is not counted; the "
-                                       "trial's clock starts the budget at that line, so a candidate can train "
-                                       "for most of the start-up allowance (120 s by default) on top of its budget")
 def test_training_before_the_first_progress_line_gains_nothing(attacked):
-    """It trains 8 s silently, then the honest 12 steps: the trial sees the same run as the honest one, and its
-    score should be no better than honest."""
+    """It trains silently before its first progress line (where the budget's clock has not started), then the
+    honest 12 steps. (Was: `ok`, 3.23 bpc against the honest 4.49.) The trial measures the device's work before
+    that line, here the trial's CPU seconds: past FREE_SECONDS the run is stopped and refused, unscored.
+    The honest baseline's control run worked less before its line (4-6 CPU s, three trials on 2 cores)."""
     row = attacked.rows["silent_pretraining"]
-    assert row["status"] != "ok" or row["val_bpc"] >= honest(attacked) - SAME, (row["val_bpc"], honest(attacked))
+    assert row["status"] == "refused", (row["status"], row["reason"])
+    assert row["reason"].startswith("the CPU worked") and "s before the first progress line" in row["reason"]
+    assert row["startup_work_seconds"] >= FREE_SECONDS["cpu"] and row["val_bpc"] is None  # rounded to 0.1 s
+    control = attacked.rows["control"]
+    assert control["status"] == "ok" and 0 < control["startup_work_seconds"] < FREE_SECONDS["cpu"], control
 
 
 @pytest.mark.slow
