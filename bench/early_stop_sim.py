@@ -168,8 +168,9 @@ def simulate(runs: list[Run], min_sigma: float) -> dict:
             lines.append(f"  {run.name:<40} {label:<9} {run.val_bpc:.4f} ({worse:+.1f} σ) {stop}{verdict}")
     saved = totals["saved_seconds"] / totals["bad_seconds"] if totals["bad_seconds"] else math.nan
     lines.append(f"{totals['curves']} curves judged, {totals['stopped']} stopped; {totals['bad']} candidates ended "
-                 f"more than {WRONG_STOP_SIGMAS:.0f} σ worse: {100 * saved:.0f}% of their training time saved "
-                 f"(bar {100 * SAVED_BAR:.0f}%); {totals['wrong']} wrong stops (bar {WRONG_BAR})")
+                 f"more than {WRONG_STOP_SIGMAS:.0f} σ worse: "
+                 + (f"{100 * saved:.0f}% of their training time saved" if totals["bad_seconds"] else "nothing to save")
+                 + f" (bar {100 * SAVED_BAR:.0f}%); {totals['wrong']} wrong stops (bar {WRONG_BAR})")
     return {**totals, "saved_share": saved, "lines": lines}
 
 
