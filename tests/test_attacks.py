@@ -624,6 +624,49 @@ if __name__ == "__main__":
     main(before_training=train_silently)
 '''
 
+# Trains before its first progress line in a child started without the trial's environment marker (a new
+# environment: the train split's path and what python needs), for 25 CPU seconds, then the same 12 steps as the
+# honest run from the child's weights. The child sleeps on, so that nothing reaps it before the trial's last look.
+HIDDEN_PRETRAINING = HONEST + '''
+import subprocess
+
+HIDDEN_CPU_SECONDS = 25.0
+PRETRAINED = "pretrained.pt"
+KEPT = ("SCHEDULER_TRAIN_DATA", "PYTHONPATH", "PATH", "HOME")  # of its environment: what the child needs
+
+
+def pretrain_unmarked():
+    data = np.fromfile(os.environ["SCHEDULER_TRAIN_DATA"], dtype=np.uint8)
+    bigram = build_model()
+    optimizer = torch.optim.Adam(bigram.parameters(), lr=LEARNING_RATE)
+    started = time.process_time()
+    while time.process_time() - started < HIDDEN_CPU_SECONDS:
+        starts = np.random.randint(0, len(data) - SEQ_LEN - 1, BATCH_SIZE)
+        batch = torch.from_numpy(np.stack([data[s:s + SEQ_LEN + 1] for s in starts]).astype(np.int64))
+        loss = F.cross_entropy(bigram(batch[:, :-1]).reshape(-1, 256), batch[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.save(bigram.state_dict(), PRETRAINED + ".part")
+    os.rename(PRETRAINED + ".part", PRETRAINED)
+    time.sleep(3600)
+
+
+def load_pretrained(run, bigram):
+    while not os.path.exists(PRETRAINED):
+        time.sleep(0.2)
+    bigram.load_state_dict(torch.load(PRETRAINED))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["unmarked"]:
+        pretrain_unmarked()
+    else:
+        clean = {key: value for key, value in os.environ.items() if key in KEPT}
+        subprocess.Popen([sys.executable, "train.py", "unmarked"], env=clean, start_new_session=True)
+        main(before_training=load_pretrained)
+'''
+
 # New (a hole, xfail): looks for another copy of the corpus on the disk (here another project's data folder, a
 # val.bin beside a train.bin equal to its own), and hands over a model that memorised it: the next byte of each
 # 16-byte context of the copy. It only looks at bytes before the one it predicts, so it is causal and passes.
@@ -697,6 +740,7 @@ ATTACKS = {
     "weights_folder": WEIGHTS_FOLDER,
     "forged_tag": FORGED_TAG,
     "silent_pretraining": SILENT_PRETRAINING,
+    "hidden_pretraining": HIDDEN_PRETRAINING,
     "memorises_a_copy": MEMORISES_A_COPY,
 }
 
@@ -1176,6 +1220,17 @@ def test_training_before_the_first_progress_line_gains_nothing(attacked):
     assert row["startup_work_seconds"] >= FREE_SECONDS["cpu"] and row["val_bpc"] is None  # rounded to 0.1 s
     control = attacked.rows["control"]
     assert control["status"] == "ok" and 0 < control["startup_work_seconds"] < FREE_SECONDS["cpu"], control
+
+
+@pytest.mark.slow
+def test_training_in_a_child_without_the_marker_is_seen(attacked):
+    """It trains before its first progress line in a child started with a new environment, which lacks the trial's
+    marker. (Was: unseen unless a look fell between the child's fork and its exec: the meter read the processes
+    carrying the marker; by hand, in the sandbox, it read 2.6 s while the child worked 25 s.) The meter reads the
+    training's process tree: the child is in it."""
+    row = attacked.rows["hidden_pretraining"]
+    assert row["status"] == "refused" and row["reason"].startswith("the CPU worked"), (row["status"], row["reason"])
+    assert row["startup_work_seconds"] >= FREE_SECONDS["cpu"] and row["val_bpc"] is None
 
 
 @pytest.mark.slow
