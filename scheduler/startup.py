@@ -11,9 +11,9 @@ refuses the run once it passes FREE_SECONDS for its device (`verdict`).
   warm-up beside training, milliseconds, counts too). It never initialises CUDA in the trial's worker.
 - On the CPU (`--device cpu`: tests, demos), `CpuMeter` adds up the CPU seconds of the trial's processes: its
   training's process tree (unsandboxed, also the processes carrying its marker). Open: the seconds of a child
-  its parent never waits for (SIGCHLD ignored: the kernel reaps it at once) reach no one's reaped times, and are
-  lost from the look after its last to its end; a run of short such children goes mostly unseen. The GPU meter
-  is not fooled so: it reads the device.
+  its parent never waits for (SIGCHLD ignored: the kernel reaps it at once) reach no one's reaped times, so they
+  leave the total when it is gone (the reading never drops, but the next such child fills it again), and a child
+  that lives between two looks is never seen. The GPU meter is not fooled so: it reads the device.
 - On a GPU where NVML does not work, nothing is measured (`Unmeasured`): the trial says so in its log and
   checks nothing. NVML that fails after the meter started (`failed`) stops the run: the check must not be a
   thing a candidate can break.
