@@ -624,15 +624,16 @@ if __name__ == "__main__":
     main(before_training=train_silently)
 '''
 
-# Trains before its first progress line in a child started without the trial's environment marker (a new
-# environment: the train split's path and what python needs), for 25 CPU seconds, then the same 12 steps as the
-# honest run from the child's weights. The child sleeps on, so that nothing reaps it before the trial's last look.
+# Trains before its first progress line in two children started without the trial's environment marker (a new
+# environment: the train split's path and what python needs), 25 CPU seconds each, then the same 12 steps as the
+# honest run from the weights of the one that saved last. The children sleep on, so that nothing reaps them before
+# the trial's last look; two, so that they reach the free 20 s well within the allowance on 2 shared cores.
 HIDDEN_PRETRAINING = HONEST + '''
 import subprocess
 
 HIDDEN_CPU_SECONDS = 25.0
 PRETRAINED = "pretrained.pt"
-KEPT = ("SCHEDULER_TRAIN_DATA", "PYTHONPATH", "PATH", "HOME")  # of its environment: what the child needs
+KEPT = ("SCHEDULER_TRAIN_DATA", "PYTHONPATH", "PATH", "HOME", "OMP_NUM_THREADS")  # what the children need
 
 
 def pretrain_unmarked():
@@ -663,7 +664,8 @@ if __name__ == "__main__":
         pretrain_unmarked()
     else:
         clean = {key: value for key, value in os.environ.items() if key in KEPT}
-        subprocess.Popen([sys.executable, "train.py", "unmarked"], env=clean, start_new_session=True)
+        for _ in range(2):
+            subprocess.Popen([sys.executable, "train.py", "unmarked"], env=clean, start_new_session=True)
         main(before_training=load_pretrained)
 '''
 
@@ -724,7 +726,9 @@ if __name__ == "__main__":
     main(wrap=(lambda bigram: Memorised(bigram, text)) if found else None)
 '''
 
-ATTACKS = {
+ATTACKS = {  # run in this order, three at a time
+    # first, far from silent_pretraining: each must work 20 CPU seconds within the 40 s allowance on 2 shared cores
+    "hidden_pretraining": HIDDEN_PRETRAINING,
     "peeks_except_where_checked": PEEKS_EXCEPT_WHERE_CHECKED,
     "reads_validation": READS_VALIDATION,
     "tampers_with_the_evaluation": TAMPERS_WITH_THE_EVALUATION,
@@ -740,7 +744,6 @@ ATTACKS = {
     "weights_folder": WEIGHTS_FOLDER,
     "forged_tag": FORGED_TAG,
     "silent_pretraining": SILENT_PRETRAINING,
-    "hidden_pretraining": HIDDEN_PRETRAINING,
     "memorises_a_copy": MEMORISES_A_COPY,
 }
 
@@ -1224,10 +1227,10 @@ def test_training_before_the_first_progress_line_gains_nothing(attacked):
 
 @pytest.mark.slow
 def test_training_in_a_child_without_the_marker_is_seen(attacked):
-    """It trains before its first progress line in a child started with a new environment, which lacks the trial's
-    marker. (Was: unseen unless a look fell between the child's fork and its exec: the meter read the processes
-    carrying the marker; by hand, in the sandbox, it read 2.6 s while the child worked 25 s.) The meter reads the
-    training's process tree: the child is in it."""
+    """It trains before its first progress line in children started with a new environment, which lacks the
+    trial's marker. (Was: unseen unless a look fell between a child's fork and its exec: the meter read the
+    processes carrying the marker; by hand, in the sandbox, it read 2.6 s while one such child worked 25 s.) The
+    meter reads the training's process tree: the children are in it."""
     row = attacked.rows["hidden_pretraining"]
     assert row["status"] == "refused" and row["reason"].startswith("the CPU worked"), (row["status"], row["reason"])
     assert row["startup_work_seconds"] >= FREE_SECONDS["cpu"] and row["val_bpc"] is None
