@@ -9,7 +9,11 @@ refuses the run once it passes FREE_SECONDS for its device (`verdict`).
 
 - On a GPU, `GpuMeter` adds up NVML's utilisation samples of the trial's GPU (the whole GPU: the evaluation's
   warm-up beside training, milliseconds, counts too). It never initialises CUDA in the trial's worker.
-- On the CPU (`--device cpu`: tests, demos), `CpuMeter` adds up the CPU seconds of the trial's processes.
+- On the CPU (`--device cpu`: tests, demos), `CpuMeter` adds up the CPU seconds of the trial's processes: its
+  training's process tree (unsandboxed, also the processes carrying its marker). Open: the seconds of a child
+  its parent never waits for (SIGCHLD ignored: the kernel reaps it at once) reach no one's reaped times, so they
+  leave the total when it is gone (the reading never drops, but the next such child fills it again), and a child
+  that lives between two looks is never seen. The GPU meter is not fooled so: it reads the device.
 - On a GPU where NVML does not work, nothing is measured (`Unmeasured`): the trial says so in its log and
   checks nothing. NVML that fails after the meter started (`failed`) stops the run: the check must not be a
   thing a candidate can break.
@@ -131,16 +135,32 @@ def cpu_times(pid: int) -> tuple[int, int, float] | None:
     """(start time in ticks since boot, parent pid, CPU seconds of the process and of the children it reaped) from
     /proc/PID/stat; None when it is gone. A zombie still answers, with its final times."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
+        text = Path(f"/proc/{pid}/stat").read_bytes()  # not text: a process names itself with any bytes but NUL
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()  # after the command name, which may hold spaces and ')'
+    fields = text[text.rindex(b")") + 2:].split()  # after the command name, which may hold spaces, ')' and newlines
     utime, stime, cutime, cstime = map(int, fields[11:15])
     return int(fields[19]), int(fields[1]), (utime + stime + cutime + cstime) / CLOCK_TICKS
 
 
+def descendants(root: int) -> set[int]:
+    """`root` and every process below it, by the parent pids of /proc/PID/stat. In the sandbox these are all its
+    processes: an orphan goes to the sandbox's init (bwrap's, below `root`), and no process can leave."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and (read := cpu_times(int(entry.name))):
+            children.setdefault(read[1], []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo += children.get(pid, [])
+    return found
+
+
 class CpuMeter(Meter):
-    """CPU seconds of the trial's processes (`processes()` lists them: those carrying its environment marker),
+    """CPU seconds of the trial's processes (`processes()` lists them: trial.measured_processes),
     the evaluation (`spare_pid`) excepted: all their seconds, so the trial makes it before it starts the training.
     A process that is gone keeps what was last read of it, unless the parent that reaped it is still measured
     (its reaped children's seconds then hold it)."""
@@ -152,12 +172,13 @@ class CpuMeter(Meter):
         self._busy = 0.0
 
     def poll(self) -> None:
-        marked = set(self.processes())
+        listed = set(self.processes())
         live: dict[int, int] = {}  # pid -> start time, of the processes read now
-        # the processes seen before are read too: a zombie has lost its marker (its environment), not its times
-        for pid in marked | {pid for pid, _ in self._seen}:
+        # the processes seen before are read too: one may leave the list (unsandboxed, a zombie loses its marker
+        # with its environment), not its times
+        for pid in listed | {pid for pid, _ in self._seen}:
             read = cpu_times(pid) if pid != self.spare else None
-            if read and (pid in marked or (pid, read[0]) in self._seen):
+            if read and (pid in listed or (pid, read[0]) in self._seen):
                 start, ppid, seconds = read
                 self._seen[pid, start] = ppid, seconds
                 live[pid] = start

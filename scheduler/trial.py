@@ -255,6 +255,14 @@ def marked(mark: str) -> list[int]:
     return pids
 
 
+def measured_processes(training: int, mark: str, sandboxed: bool) -> set[int]:
+    """The processes whose CPU seconds are the trial's (startup.CpuMeter): its training's process tree, never
+    chosen by the marker, which a child can drop (started with an empty environment) and another trial's candidate
+    can carry (a trial's folder is no secret); unsandboxed, the marked processes too: a double fork leaves the
+    tree there."""
+    return startup.descendants(training) | (set() if sandboxed else set(marked(mark)))
+
+
 def kill_marked(mark: str, spare: int | None = None) -> int:
     """Kill processes carrying our environment marker that escaped the process group (setsid, double fork)."""
     killed = 0
@@ -521,7 +529,11 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
     clock = TrialClock(config["budget"], config["startup_allowance"])
     try:
         command, training_env = training_command(config, work, env, launch_data, cache)
-        work_before = StartupWork(startup.meter_for(config["device"], lambda: marked(env[MARK]), evaluation.pid), config["device"])
+
+        def processes() -> set[int]:  # first read at the first look, once `training` (below) has started
+            return measured_processes(training.pid, env[MARK], config["sandbox"] != "none")
+
+        work_before = StartupWork(startup.meter_for(config["device"], processes, evaluation.pid), config["device"])
         if work_before.meter.unmeasured:
             log.note(f"start-up work not measured: {work_before.meter.unmeasured}")
         training = start_process(command, work, training_env)

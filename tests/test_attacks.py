@@ -624,6 +624,51 @@ if __name__ == "__main__":
     main(before_training=train_silently)
 '''
 
+# Trains before its first progress line in two children started without the trial's environment marker (a new
+# environment: the train split's path and what python needs), 25 CPU seconds each, then the same 12 steps as the
+# honest run from the weights of the one that saved last. The children sleep on, so that nothing reaps them before
+# the trial's last look; two, so that they reach the free 20 s well within the allowance on 2 shared cores.
+HIDDEN_PRETRAINING = HONEST + '''
+import subprocess
+
+HIDDEN_CPU_SECONDS = 25.0
+PRETRAINED = "pretrained.pt"
+KEPT = ("SCHEDULER_TRAIN_DATA", "PYTHONPATH", "PATH", "HOME", "OMP_NUM_THREADS")  # what the children need
+
+
+def pretrain_unmarked():
+    data = np.fromfile(os.environ["SCHEDULER_TRAIN_DATA"], dtype=np.uint8)
+    bigram = build_model()
+    optimizer = torch.optim.Adam(bigram.parameters(), lr=LEARNING_RATE)
+    started = time.process_time()
+    while time.process_time() - started < HIDDEN_CPU_SECONDS:
+        starts = np.random.randint(0, len(data) - SEQ_LEN - 1, BATCH_SIZE)
+        batch = torch.from_numpy(np.stack([data[s:s + SEQ_LEN + 1] for s in starts]).astype(np.int64))
+        loss = F.cross_entropy(bigram(batch[:, :-1]).reshape(-1, 256), batch[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.save(bigram.state_dict(), PRETRAINED + ".part")
+    os.rename(PRETRAINED + ".part", PRETRAINED)
+    time.sleep(3600)
+
+
+def load_pretrained(run, bigram):
+    while not os.path.exists(PRETRAINED):
+        time.sleep(0.2)
+    bigram.load_state_dict(torch.load(PRETRAINED))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["unmarked"]:
+        pretrain_unmarked()
+    else:
+        clean = {key: value for key, value in os.environ.items() if key in KEPT}
+        for _ in range(2):
+            subprocess.Popen([sys.executable, "train.py", "unmarked"], env=clean, start_new_session=True)
+        main(before_training=load_pretrained)
+'''
+
 # New (a hole, xfail): looks for another copy of the corpus on the disk (here another project's data folder, a
 # val.bin beside a train.bin equal to its own), and hands over a model that memorised it: the next byte of each
 # 16-byte context of the copy. It only looks at bytes before the one it predicts, so it is causal and passes.
@@ -681,7 +726,9 @@ if __name__ == "__main__":
     main(wrap=(lambda bigram: Memorised(bigram, text)) if found else None)
 '''
 
-ATTACKS = {
+ATTACKS = {  # run in this order, three at a time
+    # first, far from silent_pretraining: each must work 20 CPU seconds within the 40 s allowance on 2 shared cores
+    "hidden_pretraining": HIDDEN_PRETRAINING,
     "peeks_except_where_checked": PEEKS_EXCEPT_WHERE_CHECKED,
     "reads_validation": READS_VALIDATION,
     "tampers_with_the_evaluation": TAMPERS_WITH_THE_EVALUATION,
@@ -1176,6 +1223,17 @@ def test_training_before_the_first_progress_line_gains_nothing(attacked):
     assert row["startup_work_seconds"] >= FREE_SECONDS["cpu"] and row["val_bpc"] is None  # rounded to 0.1 s
     control = attacked.rows["control"]
     assert control["status"] == "ok" and 0 < control["startup_work_seconds"] < FREE_SECONDS["cpu"], control
+
+
+@pytest.mark.slow
+def test_training_in_a_child_without_the_marker_is_seen(attacked):
+    """It trains before its first progress line in children started with a new environment, which lacks the
+    trial's marker. (Was: unseen unless a look fell between a child's fork and its exec: the meter read the
+    processes carrying the marker; by hand, in the sandbox, it read 2.6 s while one such child worked 25 s.) The
+    meter reads the training's process tree: the children are in it."""
+    row = attacked.rows["hidden_pretraining"]
+    assert row["status"] == "refused" and row["reason"].startswith("the CPU worked"), (row["status"], row["reason"])
+    assert row["startup_work_seconds"] >= FREE_SECONDS["cpu"] and row["val_bpc"] is None
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ real processes. The attack it stops runs in tests/test_attacks.py (test_training
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ import pytest
 
 from scheduler import startup
 from scheduler.startup import FREE_SECONDS, CpuMeter, GpuMeter, Unmeasured, meter_for, verdict
-from scheduler.trial import MARK, StartupWork, marked
+from scheduler.trial import MARK, StartupWork, marked, measured_processes
 
 from conftest import wait_for
 
@@ -224,3 +225,86 @@ def test_the_trial_reads_its_meter_until_the_first_look_after_the_first_progress
     assert silent.overdue(None) is None
     assert silent.overdue(None) == silent.reason and silent.reason.startswith("the GPU worked 12.0 s")
     assert StartupWork(Unmeasured("no NVML"), "cuda").seconds() is None
+
+
+# A parent that starts BURN with an empty environment (as `env -i` does, or os.execve with a new one): the child
+# carries no marker. It waits, so the child is not reaped before the meter's last look.
+DROPS_THE_MARK = ("import subprocess, sys, time\n"
+                  "subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2], sys.argv[3]], env={})\n"
+                  "time.sleep(float(sys.argv[3]))\n")
+# A parent that never waits for its children (SIGCHLD ignored: the kernel reaps them at once) and runs BURN twice,
+# one after the other: an auto-reaped child's seconds reach no one's reaped times
+NEVER_WAITS = ("import signal, subprocess, sys, time\nsignal.signal(signal.SIGCHLD, signal.SIG_IGN)\n"
+               "for _ in range(2):\n    subprocess.run([sys.executable, '-c', sys.argv[1], sys.argv[2], '0.5'])\n"
+               "print('both', flush=True)\ntime.sleep(float(sys.argv[3]))\n")
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_the_cpu_meter_counts_a_child_that_dropped_the_marker(tmp_path):
+    """(Was: the meter read the processes that carried the trial's marker, so a child started with an empty
+    environment trained unseen; run_trial's meter reads the training's process tree.)"""
+    mark = f"{tmp_path}/hides"
+    parent = subprocess.Popen([sys.executable, "-c", DROPS_THE_MARK, BURN, str(BURN_SECONDS), "30"],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True,  # its child: killpg
+                              env={**os.environ, MARK: mark, "OMP_NUM_THREADS": "1"})
+    meter = CpuMeter(lambda: measured_processes(parent.pid, mark, sandboxed=True), None)
+    try:
+        read_until(meter, parent, "burnt")
+        assert [parent.pid] == marked(mark)  # the child is not marked ...
+        busy = meter.busy_seconds()
+        assert BURN_SECONDS <= busy <= BURN_SECONDS + 2 * PYTHON_START, busy  # ... but measured
+    finally:
+        kill_session(parent)
+
+
+def test_a_sandboxed_trial_measures_its_process_tree_and_never_a_forged_marker(tmp_path):
+    """Another trial's candidate can start a process carrying this trial's marker (the trial's folder: a baseline's
+    control run's is `runs/base-SHA12-cN`, all of it known to an agent). (Was: the meter counted it, and an honest
+    run was refused.) In the sandbox only the training's own tree counts. Unsandboxed the marked processes count
+    too: a double fork leaves the tree there."""
+    mark = f"{tmp_path}/base-0123456789ab-c1"
+    training = marked_python(mark, "import time; time.sleep(30)")
+    forger = marked_python(mark, "import time; time.sleep(30)")
+    try:
+        wait_for(lambda: len(marked(mark)) == 2, 10, "two marked processes")
+        assert measured_processes(training.pid, mark, sandboxed=True) == {training.pid}
+        assert measured_processes(training.pid, mark, sandboxed=False) == {training.pid, forger.pid}
+    finally:
+        for proc in (training, forger):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_command_name_of_any_bytes_is_read(tmp_path):
+    """A process may name itself with any bytes but NUL (prctl PR_SET_NAME). (Was: a name that is not UTF-8 made
+    the meter's reading raise, and the trial with it.)"""
+    mark = f"{tmp_path}/named"
+    named = marked_python(mark, "import ctypes, time\nctypes.CDLL(None).prctl(15, b'\\xff) 1 2\\n(', 0, 0, 0)\n"
+                                "print('named', flush=True)\ntime.sleep(30)\n")
+    try:
+        assert named.stdout.readline() == "named\n"
+        assert startup.descendants(named.pid) == {named.pid}
+        meter = CpuMeter(lambda: measured_processes(named.pid, mark, sandboxed=False), None)
+        meter.poll()
+        assert 0 < meter.busy_seconds() < PYTHON_START
+    finally:
+        named.kill()
+        named.wait()
+
+
+@pytest.mark.xfail(strict=True, reason="open (CPU mode only): a child whose parent ignores SIGCHLD is reaped by "
+                   "the kernel at once, and its CPU seconds reach no parent's reaped times; /proc cannot count it")
+def test_the_cpu_meter_counts_children_that_are_never_waited_for(tmp_path):
+    mark = f"{tmp_path}/never-waits"
+    parent = marked_python(mark, NEVER_WAITS, BURN, BURN_SECONDS, 30)
+    meter = CpuMeter(lambda: measured_processes(parent.pid, mark, sandboxed=True), None)
+    try:
+        read_until(meter, parent, "both")
+        assert meter.busy_seconds() >= 2 * BURN_SECONDS, meter.busy_seconds()
+    finally:
+        parent.kill()
+        parent.wait()
