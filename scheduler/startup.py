@@ -48,8 +48,8 @@ def verdict(busy: float | None, device: str, failed: str | None = None) -> str |
     if busy is None or busy <= free:
         return None
     return (f"the {'GPU' if device == 'cuda' else 'CPU'} worked {busy:.1f} s before the first progress line "
-            f"({free:.0f} s allowed: compile and the first steps, not training): train only inside the budget, "
-            "through run.step")
+            f"({free:.0f} s allowed for compilation and the first steps; training or autotuning's benchmarks there "
+            "are work outside the budget): train only inside the budget, through run.step")
 
 
 class Meter:

@@ -194,8 +194,9 @@ def test_work_above_the_free_seconds_is_refused_and_below_is_not():
     assert verdict(None, "cuda") is None and verdict(0.0, "cpu") is None
     assert verdict(FREE_SECONDS["cuda"], "cuda") is None and verdict(FREE_SECONDS["cpu"], "cpu") is None
     reason = verdict(23.44, "cuda")
-    assert reason == ("the GPU worked 23.4 s before the first progress line (10 s allowed: compile and the first "
-                      "steps, not training): train only inside the budget, through run.step"), reason
+    assert reason == ("the GPU worked 23.4 s before the first progress line (10 s allowed for compilation and the "
+                      "first steps; training or autotuning's benchmarks there are work outside the budget): train "
+                      "only inside the budget, through run.step"), reason
     assert verdict(FREE_SECONDS["cpu"] + 0.1, "cpu").startswith(
         f"the CPU worked {FREE_SECONDS['cpu'] + 0.1:.1f} s before the first progress line")
 
