@@ -11,6 +11,14 @@
 # reruns: the launch stays the size asked for. Replay the early-stop rule on the logs afterwards with
 # `python bench/early_stop_sim.py --logs DIR --budget BUDGET`. gpu.csv samples the GPU's use every 0.5 s (how busy
 # it is while a trial starts up, compiles and captures, against the rows' start times).
+#
+# Longer than one call (4 trials at 300 s): start it detached from a copy of the tree, then follow it in calls made
+# within the machine's 30 s of warmth, carrying nothing after the first (a carried bundle would be replaced under
+# the running launch):
+#   cp -a . /tmp/repo && cd /tmp/repo && mkdir -p /tmp/dl && (OUT=/tmp/dl BUDGET=300 LIMIT=1650 ... \
+#       setsid nohup bash bench/device_launch.sh > /tmp/dl/run.txt 2>&1 < /dev/null &)     # first call
+#   sleep 560; tar czf $OUT/dl.tgz -C /tmp dl \
+#       && tar czf $OUT/rows.tgz -C /tmp/repo results/trials results/index          # each later call
 source .device-bundle/setup.sh || exit 1
 export PYTHONUNBUFFERED=1
 : "${OUT:?set OUT to the folder that comes back}"
