@@ -55,6 +55,7 @@ from scheduler.claims import peak_tflops
 from scheduler.earlystop import CURVE_WINDOWS
 from scheduler.protocol import (DEFAULT_BUDGET, EVAL_BATCH, EXIT_EXPORT, EXIT_NAN, EXPORT_TAG, PROGRAM_FILE,
                                 PROGRESS_TAG, RESULT_FILE, STATS_FILE, WINDOW, evaluation_command, send_go)
+from scheduler.startup import CLOCK_TICKS, cpu_times
 
 WARMUP_STEPS = 3          # first steps compile and autotune: they are not counted as training time
 SYNC_EVERY = 1.0          # seconds between waits for the device (clock, loss check) ...
@@ -314,11 +315,10 @@ class Run(Clock):
 def process_age() -> float:
     """Seconds since this process started (Linux; 0.0 elsewhere): where a trial's start-up goes, for the
     measurements in docs/design.md."""
-    try:
-        started_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
+    read = cpu_times(os.getpid())
+    if read is None:
         return 0.0
-    return max(time.clock_gettime(time.CLOCK_BOOTTIME) - started_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    return max(time.clock_gettime(time.CLOCK_BOOTTIME) - read[0] / CLOCK_TICKS, 0.0)
 
 
 def training_flops_per_token(model: torch.nn.Module, seq_len: int, device: torch.device) -> float:
