@@ -5,9 +5,11 @@ save, and would it stop a candidate that ended within the baseline's noise or be
     python bench/early_stop_sim.py --logs runs/ --rows results    # trial logs (results/runs/*/log.txt, *.log),
                                                                   # final scores from rows (or from the logs)
     python bench/early_stop_sim.py --cpu-run /tmp/es-cpu          # record CPU curves first: tiny variants, launch
+    python bench/early_stop_sim.py --curve heldout results        # the rule on the held-out loss curves instead
 
-Curves come from result rows (their `curve` column), or are rebuilt from the progress lines of trial logs
-(`@@progress {"training_seconds": ..., "loss": ...}`) with the trial's own Curve. A log's name is its trial id
+Curves come from result rows (their `curve` column; `heldout_curve` with --curve heldout), or are rebuilt from
+the progress lines of trial logs (`@@progress {"training_seconds": ..., "loss": ...}`, or `"heldout"`) with the
+trial's own Curve. A log's name is its trial id
 (the folder of a log.txt, or a *.log file's stem); its final score is the row's `val_bpc` for that trial id, else
 the `val_bpc:` line the evaluation printed into the log. As in a launch, a candidate's first run is judged
 against the scored runs of the baseline it ran against (rows: runs whose source is that baseline's, its control
@@ -42,6 +44,7 @@ SAVED_BAR = 0.30       # issue 22: at least this share of those candidates' trai
 WRONG_BAR = 0          # ... and no wrong stop
 PRIOR_SIGMA = 0.004    # bpc: the promotion rule's prior (--prior-sigma), the least σ taken with few control runs
 CONTROL_ID = r"-c\d+(-a2)?$"  # launch's trial ids of control runs
+CURVES = {"loss": "curve", "heldout": "heldout_curve"}  # --curve: the progress lines' field -> the rows' column
 VAL_LINE = re.compile(r"^val_bpc:\s+([0-9.]+)", re.M)
 # The CPU curves (--cpu-run): tiny variants of the project's train.py, each one idea, better and worse
 TINY = dict(MODEL_DIM=32, MODEL_DEPTH=1, MODEL_HEADS=2, BATCH_SIZE=4)
@@ -70,13 +73,13 @@ class Run:
     budget: float
 
 
-def curve_from_log(path: Path, budget: float) -> Curve:
+def curve_from_log(path: Path, budget: float, key: str) -> Curve:
     curve = Curve(budget)
     for line in path.read_text(errors="replace").splitlines():
         if line.startswith(PROGRESS_TAG):
             try:
                 fields = json.loads(line[len(PROGRESS_TAG):])
-                curve.add(float(fields["training_seconds"]), float(fields["loss"]))
+                curve.add(float(fields["training_seconds"]), float(fields[key]))
             except (ValueError, KeyError, TypeError):
                 continue
     return curve
@@ -88,13 +91,13 @@ def read_rows(results: Path) -> list[dict]:
     return rows_of(results) if (results / "trials").is_dir() else rows_of(results.parent)
 
 
-def runs_from_rows(rows: list[dict], budget: float | None) -> list[Run]:
+def runs_from_rows(rows: list[dict], budget: float | None, key: str) -> list[Run]:
     from scheduler.layout import baseline_id
 
-    budget = budget or launch_budget(rows)
-    return [Run(r["trial_id"], list(r["curve"]), r["val_bpc"], baseline_id(r["source_sha256"]),
+    budget, column = budget or launch_budget(rows), CURVES[key]
+    return [Run(r["trial_id"], list(r[column]), r["val_bpc"], baseline_id(r["source_sha256"]),
                 r["baseline"] if r["kind"] == "candidate" else None, budget)
-            for r in rows if r.get("curve") and r["status"] == "ok" and r.get("val_bpc") is not None
+            for r in rows if r.get(column) and r["status"] == "ok" and r.get("val_bpc") is not None
             and at_budget(r["training_seconds"], budget)]
 
 
@@ -105,7 +108,7 @@ def launch_budget(rows: list[dict]) -> float:
     return float(statistics.mode(seconds)) if seconds else math.nan
 
 
-def runs_from_logs(folder: Path, rows: list[dict], budget: float | None, control: str) -> list[Run]:
+def runs_from_logs(folder: Path, rows: list[dict], budget: float | None, control: str, key: str) -> list[Run]:
     from scheduler.layout import baseline_id
 
     by_id = {r["trial_id"]: r for r in rows}
@@ -119,7 +122,9 @@ def runs_from_logs(folder: Path, rows: list[dict], budget: float | None, control
         trained = budget or (launch_budget(rows) if rows else None) or _last_seconds(text)
         if score is None or not trained:
             continue
-        curve = curve_from_log(path, trained).values()
+        curve = curve_from_log(path, trained, key).values()
+        if not any(v is not None for v in curve):
+            continue
         if row:
             source, judged = baseline_id(row["source_sha256"]), row["baseline"] if row["kind"] == "candidate" else None
         else:
@@ -208,6 +213,8 @@ def main() -> int:
                                                       "training seconds, or a log's last progress line)")
     parser.add_argument("--control", default=CONTROL_ID, help="regex on a log's name marking a control run "
                                                               "(logs without rows)")
+    parser.add_argument("--curve", choices=CURVES, default="loss", help="the curve the rule reads: the training "
+                                                                         "loss (as launch) or the held-out loss")
     parser.add_argument("--sigma", type=float, default=PRIOR_SIGMA, help="least σ of the baseline's scores (bpc)")
     parser.add_argument("--cpu-run", type=Path, help="first record CPU curves in this folder (a launch)")
     parser.add_argument("--cpu-budget", type=float, default=20.0, help="seconds of training per CPU trial")
@@ -219,9 +226,10 @@ def main() -> int:
         args.results.append(args.cpu_run / "results")
     runs: list[Run] = []
     if args.logs:
-        runs += runs_from_logs(args.logs, read_rows(args.rows) if args.rows else [], args.budget, args.control)
+        runs += runs_from_logs(args.logs, read_rows(args.rows) if args.rows else [], args.budget, args.control,
+                               args.curve)
     for folder in args.results:
-        runs += runs_from_rows(read_rows(folder), args.budget)
+        runs += runs_from_rows(read_rows(folder), args.budget, args.curve)
     if not runs:
         parser.error("no curves with final scores found: give a results folder, or --logs (with --rows)")
     found = simulate(runs, args.sigma)

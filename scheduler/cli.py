@@ -240,8 +240,8 @@ def cmd_show(args, layout: Layout) -> int:
     if verdict is not None:
         print(f"{args.id}: {describe(verdict)}")
     for row in rows:
-        curve = row.get("curve")  # one line, not one per number (--json keeps the list)
-        shown = {**row, "curve": " ".join("-" if v is None else f"{v:.4f}" for v in curve)} if curve else row
+        shown = {**row, **{key: " ".join("-" if v is None else f"{v:.4f}" for v in row[key])  # one line each, not
+                           for key in ("curve", "heldout_curve") if row.get(key)}}      # one per number (--json: lists)
         print(json.dumps(shown, indent=2))
     for q in queued:
         print(f"queued or running: {q['trial_id']} ({q['kind']})")

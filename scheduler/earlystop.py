@@ -11,7 +11,8 @@ A curve is the mean training loss in each of CURVE_WINDOWS equal windows of the 
 progress lines' `training_seconds`, the harness's clock), None where no progress line fell. The reference is the
 mean and spread of the curves of the baseline's runs (its control runs, and the runs that made it the baseline),
 window by window. A candidate is stopped at the end of a
-window from MIN_FRACTION of the budget on, once it has been above the line for CONFIRM_WINDOWS windows in a row:
+window from MIN_FRACTION of the budget on (before the last), once it has been above the line for CONFIRM_WINDOWS
+windows in a row:
 
     line(f) = reference mean * (1 + margin(f)) + SPREAD_SIGMAS * reference spread,
     margin(f) = MARGIN_LATE + (MARGIN_EARLY - MARGIN_LATE) * (1 - f) / (1 - MIN_FRACTION)
@@ -66,6 +67,12 @@ DEFAULT_MODE = "shadow"  # judge and record, stop nothing, until the recorded cu
 STOPPED_EARLY = "stopped_early"  # the status of a trial the rule stopped (launch --early-stop on)
 
 
+def window_of(training_seconds: float, budget: float) -> int:
+    """The window a point at `training_seconds` falls in; points past the budget (the last step overshoots it) fall
+    in the last."""
+    return max(0, min(CURVE_WINDOWS - 1, math.ceil(training_seconds / budget * CURVE_WINDOWS) - 1))
+
+
 def window_end(index: int, budget: float) -> float:
     """Counted training seconds at the end of window `index`."""
     return (index + 1) * budget / CURVE_WINDOWS
@@ -81,10 +88,10 @@ class Curve:
         self.last_seconds = 0.0  # the latest counted seconds seen: windows that end before it are complete
 
     def add(self, training_seconds: float, loss: float) -> None:
-        """One progress line's point; lines past the budget (the last step overshoots it) fall in the last window."""
+        """One progress line's point."""
         if not (math.isfinite(training_seconds) and math.isfinite(loss)) or training_seconds <= 0 or self.budget <= 0:
             return
-        index = min(CURVE_WINDOWS - 1, math.ceil(training_seconds / self.budget * CURVE_WINDOWS) - 1)
+        index = window_of(training_seconds, self.budget)
         self._sums[index] += loss
         self._counts[index] += 1
         self.last_seconds = max(self.last_seconds, training_seconds)
@@ -130,11 +137,12 @@ class Reference:
 
 def stop_window(curve: list[float | None], reference: Reference | None) -> int | None:
     """The first window at whose end the rule stops this curve, or None. Windows either side lacks are skipped:
-    they neither count for nor against it."""
+    they neither count for nor against it. The last window is not judged: a stop at the budget's end would save
+    nothing and cost the run its score."""
     if reference is None:
         return None
     above = 0
-    for index, value in enumerate(curve[:CURVE_WINDOWS]):
+    for index, value in enumerate(curve[:CURVE_WINDOWS - 1]):
         line = reference.line(index)
         if line is None or value is None:
             continue

@@ -11,7 +11,11 @@ A candidate's `train.py` imports this module and trains through it:
         run.step(loss, tokens=BATCH_SIZE * MAX_SEQ_LEN)
     run.finish(model, precision="bf16", depth=MODEL_DEPTH)
 
-The training process only ever gets the train split. `finish` hands the model
+The training process only ever gets the train split, and `batch` never draws
+the window at the end of each of its HELDOUT equal pieces: once in each window
+of the loss curve, the harness measures the watched model's loss on them (eval
+mode, not counted as training time) and prints it in the progress line as
+`heldout`, a curve that sees over-fitting where the training loss cannot. `finish` hands the model
 over as data (scheduler/handover.py): its graph, traced with torch.export at
 the evaluation's input shape, and its weights as safetensors. Scoring happens in
 a fresh process (scheduler/evaluate.py) that rebuilds the model from those
@@ -49,10 +53,11 @@ from typing import NoReturn
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from scheduler import handover
 from scheduler.claims import peak_tflops
-from scheduler.earlystop import CURVE_WINDOWS
+from scheduler.earlystop import CURVE_WINDOWS, window_of
 from scheduler.protocol import (DEFAULT_BUDGET, EVAL_BATCH, EXIT_EXPORT, EXIT_NAN, EXPORT_TAG, PROGRAM_FILE,
                                 PROGRESS_TAG, RESULT_FILE, STATS_FILE, WINDOW, evaluation_command, send_go)
 from scheduler.startup import CLOCK_TICKS, cpu_times
@@ -61,6 +66,13 @@ WARMUP_STEPS = 3          # first steps compile and autotune: they are not count
 SYNC_EVERY = 1.0          # seconds between waits for the device (clock, loss check) ...
 PROGRESS_EVERY = 5.0      # ... and between progress lines, at most:
 LINES_PER_WINDOW = 2      # a short budget gets more, so that each window of its loss curve holds a few lines
+# What batch() never draws, as (windows, bytes each): the train split is cut into that many equal pieces, and the
+# window at the end of each is held out, so that the held-out text is as mixed as the split (one window at the
+# split's end, 8 KiB of one HTML page of the proxy corpus, measured 0.16 nats where validation is 0.53 and told no
+# run from another: docs/design.md). The same text for every run, so that runs differ by their models alone. On a
+# GPU 32 of the evaluation's windows; on the CPU (tests, demos) 2 of 256 bytes: 6 ms for the tests' tiny model
+HELDOUT = {"cuda": (32, WINDOW), "cpu": (2, WINDOW // 4)}
+HELDOUT_MIN_SPLIT = 10    # a split held out from must be this many times what is held out (tests' tiny corpora are)
 # What a finished standalone run becomes: a process that waits for the evaluation and exits with its code
 WAIT_FOR_CHILD = "import os, sys; _, s = os.waitpid(int(sys.argv[1]), 0); sys.exit(os.waitstatus_to_exitcode(s))"
 
@@ -181,6 +193,7 @@ class Clock:
             self._exit_if_not_finite(mean)  # a step between the syncs
             self._loss_sum, self._loss_count = 0.0, 0
             self._print_progress(mean)
+            self._last_mark = time.perf_counter()  # a held-out measurement in the line is not training time
 
     def _exit_if_not_finite(self, loss: float) -> None:
         if not math.isfinite(loss):
@@ -208,8 +221,13 @@ class Clock:
             "mfu": None if mfu is None else round(mfu, 2),
             "progress": round(self.progress, 4),
             "training_seconds": round(self.training_seconds, 2),
+            **self.measure(),
         }
         print(PROGRESS_TAG + json.dumps(line), flush=True)
+
+    def measure(self) -> dict[str, float]:
+        """Extra figures of a progress line, measured outside the counted time (Run: the held-out loss)."""
+        return {}
 
 
 class Run(Clock):
@@ -233,6 +251,14 @@ class Run(Clock):
         # One host-to-device copy; batches are then cut on the device.
         self.train = torch.from_numpy(np.fromfile(train_path, dtype=np.uint8)).to(device)
         self._generator = torch.Generator(device).manual_seed(self.seed)
+        pieces, length = HELDOUT.get(device.type, HELDOUT["cuda"])
+        if self.train.numel() < HELDOUT_MIN_SPLIT * pieces * (length + 1):
+            pieces, length = 1, -1  # too small to spare any: one piece, nothing held out
+        self._pieces, self._piece, self._hole = pieces, self.train.numel() // pieces, length + 1
+        self._heldout = heldout_windows(self.train, pieces, length) if self._hole else None
+        self._model: torch.nn.Module | None = None  # watch(): what the held-out loss is measured on
+        self._heldout_window = -1                   # the curve's window whose held-out loss was measured last
+        self.heldout_seconds = 0.0
 
         self.num_params = 0
         self.interpreter_seconds = process_age()  # interpreter start, imports and the train split, up to here
@@ -246,10 +272,15 @@ class Run(Clock):
     # ------------------------------------------------------------------ data
 
     def batch(self, batch_size: int, seq_len: int) -> torch.Tensor:
-        """LongTensor[batch_size, seq_len + 1] of random windows of the train split (inputs and targets)."""
-        starts = torch.randint(
-            0, self.train.numel() - seq_len - 1, (batch_size, 1), device=self.device, generator=self._generator
-        )
+        """LongTensor[batch_size, seq_len + 1] of random windows of the train split (inputs and targets), drawn
+        evenly from its pieces, none reaching into a piece's held-out end."""
+        starts_per_piece = self._piece - self._hole - seq_len
+        if starts_per_piece < 1:
+            sys.exit(f"harness: batch({batch_size}, {seq_len}): a window of {seq_len + 1} bytes does not fit in the "
+                     f"train split's pieces of {self._piece} bytes; use a shorter seq_len")
+        draws = torch.randint(0, self._pieces * starts_per_piece, (batch_size, 1), device=self.device,
+                              generator=self._generator)
+        starts = draws // starts_per_piece * self._piece + draws % starts_per_piece
         offsets = torch.arange(seq_len + 1, device=self.device)
         return self.train[starts + offsets].long()
 
@@ -263,6 +294,25 @@ class Run(Clock):
         self.check_seconds = time.perf_counter() - started
         self.num_params = sum(p.numel() for p in model.parameters())
         self.flops_per_token = training_flops_per_token(model, seq_len, self.device)
+        self._model = model
+
+    def measure(self) -> dict[str, float]:
+        """The watched model's held-out loss, at the first progress line of each window of the curve."""
+        # the window the line's (rounded) seconds put it in: one figure in each window of the trial's curve
+        window = window_of(round(self.training_seconds, 2), self.budget) if self.budget > 0 else 0
+        if self._model is None or self._heldout is None or window == self._heldout_window:
+            return {}
+        self._heldout_window = window
+        started = time.perf_counter()
+        try:
+            loss = heldout_loss(self._model, self._heldout)
+        except Exception as error:  # a model outside the contract: the evaluation will say so; training goes on
+            print(f"harness: held-out loss failed ({type(error).__name__}: {error}); not measured again", flush=True)
+            self._model = None
+            return {}
+        finally:
+            self.heldout_seconds += time.perf_counter() - started
+        return {"heldout": round(loss, 5)} if math.isfinite(loss) else {}
 
     # ------------------------------------------------------------------ end
 
@@ -297,13 +347,15 @@ class Run(Clock):
             "interpreter_seconds": round(self.interpreter_seconds, 3),
             "check_seconds": round(self.check_seconds, 3),
             "export_seconds": round(self.export_seconds, 3),
+            "heldout_seconds": round(self.heldout_seconds, 3),
             **facts,
         }
         (self.out_dir / STATS_FILE).write_text(json.dumps(stats, indent=2))
         print(f"harness: handed over {self.out_dir / PROGRAM_FILE} after {self.steps} steps, "
               f"{self.training_seconds:.1f} s of training; start-up: interpreter {self.interpreter_seconds:.1f} s, "
               f"set-up {self.setup_seconds:.1f} s (export check {self.check_seconds:.1f} s), first steps "
-              f"{self.warmup_seconds:.1f} s; export {self.export_seconds:.1f} s", flush=True)
+              f"{self.warmup_seconds:.1f} s; export {self.export_seconds:.1f} s; held-out loss {self.heldout_seconds:.1f} s "
+              "(uncounted)", flush=True)
 
         if self._evaluation is not None:
             hand_over_to_evaluation(self._evaluation)
@@ -319,6 +371,28 @@ def process_age() -> float:
     if read is None:
         return 0.0
     return max(time.clock_gettime(time.CLOCK_BOOTTIME) - read[0] / CLOCK_TICKS, 0.0)
+
+
+def heldout_windows(train: torch.Tensor, pieces: int, length: int) -> torch.Tensor:
+    """The held-out windows as LongTensor[pieces, length + 1] (inputs and targets): the last length + 1 bytes of
+    each of the train split's `pieces` equal pieces."""
+    ends = (torch.arange(pieces, device=train.device) + 1) * (train.numel() // pieces)
+    return train[(ends - length - 1)[:, None] + torch.arange(length + 1, device=train.device)].long()
+
+
+def heldout_loss(model: torch.nn.Module, windows: torch.Tensor) -> float:
+    """Mean next-byte loss (nats) of `model` in eval mode on `windows`, as the evaluation feeds it (BF16 autocast
+    on a GPU); every module's training flag is put back as it was."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    cuda = windows.device.type == "cuda"
+    try:
+        with torch.no_grad(), torch.autocast(windows.device.type, dtype=torch.bfloat16, enabled=cuda):
+            logits = model(windows[:, :-1])
+        return float(F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten()))
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def training_flops_per_token(model: torch.nn.Module, seq_len: int, device: torch.device) -> float:

@@ -79,6 +79,7 @@ _TRIAL_COLUMNS = [
     ("startup_seconds", "float64"),   # trial start to the first progress line, on the trial's own clock
     ("startup_work_seconds", "float64"),  # device work before the first progress line (scheduler/startup.py)
     ("curve", "list_float64"),        # mean training loss in each 5% of the budget (scheduler/earlystop.py)
+    ("heldout_curve", "list_float64"),  # loss on the train split's held-out end, once in each 5% (scheduler/harness.py)
     ("early_stop_at", "float64"),     # counted seconds at which the early-stop rule stopped it, or would have
     ("submitted_at", TIME),
     ("started_at", TIME),

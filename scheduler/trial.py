@@ -69,7 +69,7 @@ EVALUATION_TAGS = {REFUSED_TAG: "refused", FAIL_TAG: "eval_failed"}
 # What a progress line may pass on to Tune: the harness's figures, as numbers. The line comes from the candidate's
 # process, and Tune takes some keys of a report as orders: `done` ends the trial with that report as its last
 # result, whose `result_row` launch would record as the trial's row (a forged score, promoted).
-PROGRESS_KEYS = ("step", "loss", "tok_s", "mfu", "progress", "training_seconds")
+PROGRESS_KEYS = ("step", "loss", "heldout", "tok_s", "mfu", "progress", "training_seconds")
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 # A node's own data folder, set in the environment of `ray start` on that node (a copy on its local disk, or
 # where a node that lacks the launch's data folder is to look): used in place of the launch's data path
@@ -100,15 +100,16 @@ def printable(line: str) -> str:
 
 class OutputLog:
     """Reads a process's output in a thread: a capped log file, the tail in memory, the latest progress, the
-    loss curve it draws (`curve`) and when the first progress line came (on the trial's clock: time.monotonic())."""
+    curves it draws (`curves`: a Curve per progress field, `loss` and `heldout`) and when the first progress line
+    came (on the trial's clock: time.monotonic())."""
 
-    def __init__(self, path: Path, curve: Curve | None = None) -> None:
+    def __init__(self, path: Path, curves: dict[str, Curve] | None = None) -> None:
         self.path = path
         self.recent: deque[tuple[int, str]] = deque(maxlen=TAIL_KEPT)  # always the last lines (numbered), for the row
         self.count = 0                                          # lines read so far, of every process followed
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)    # lines past the head, written at close
         self.progress: dict = {}
-        self.curve = curve
+        self.curves = curves or {}
         self.first_progress: float | None = None
         self.dropped = 0
         self._head_left = LOG_HEAD_BYTES
@@ -126,8 +127,9 @@ class OutputLog:
             if line.startswith(PROGRESS_TAG):
                 fields = progress_fields(line[len(PROGRESS_TAG):])
                 self.progress = fields or self.progress
-                if self.curve is not None and "training_seconds" in fields and "loss" in fields:
-                    self.curve.add(fields["training_seconds"], fields["loss"])
+                for key, curve in self.curves.items():
+                    if "training_seconds" in fields and key in fields:
+                        curve.add(fields["training_seconds"], fields[key])
                 if self.first_progress is None:
                     self.first_progress = time.monotonic()
             self.count += 1
@@ -505,8 +507,8 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
     (work / "train.py").write_text(config["source"], encoding="utf-8")
     result_file = folder / RESULT_FILE
     env = candidate_env(config, out_dir)
-    curve = Curve(config["budget"])
-    log = OutputLog(folder / "log.txt", curve)
+    curve, heldout = Curve(config["budget"]), Curve(config["budget"])
+    log = OutputLog(folder / "log.txt", {"loss": curve, "heldout": heldout})
     if fetched:
         log.note(fetched)
     row = {key: config[key] for key in CONFIG_COLUMNS}
@@ -553,7 +555,7 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
     row["startup_work_seconds"] = work_before.seconds()
     if not stopped:
         early.settle(curve)  # the whole curve: a shadow row says what the rule says of the finished run
-    row.update(curve=curve.values(), early_stop_at=early.stopped_at)
+    row.update(curve=curve.values(), heldout_curve=heldout.values(), early_stop_at=early.stopped_at)
     figures: dict = {}
     if stopped:
         kill_group(evaluation)  # nothing to score

@@ -451,6 +451,28 @@ if __name__ == "__main__":
     main()
 '''
 
+# Issue 22: works where the harness's clock does not run. Once a window of the curve the harness measures the
+# model's held-out loss outside the counted time, calling it in eval mode; this model's eval-mode forward works 2 s
+# each time (a sleep stands in for training steps): 40 s on a 3 s budget
+WORKS_IN_THE_HELDOUT_MEASUREMENT = HONEST + '''
+STEPS = 10**9  # trains until run.done()
+
+
+class WorksInEval(Bigram):
+    def forward(self, x):
+        if not self.training:
+            time.sleep(2.0)
+        return self.table(x)
+
+
+def build_model():
+    return WorksInEval()
+
+
+if __name__ == "__main__":
+    main()
+'''
+
 # Issue 18, row 11 (the pickles of item 2): a malicious __reduce__ pickle as every file of the hand-over and a
 # stray model.pt. Unpickled outside the sandbox, it would create @MARKER@. No torch needed.
 PICKLES = '''import os
@@ -735,6 +757,7 @@ ATTACKS = {  # run in this order, three at a time
     "tampers_with_the_launch": TAMPERS_WITH_THE_LAUNCH,
     "made_up_statistics": MADE_UP_STATISTICS,
     "slow_clock": SLOW_CLOCK,
+    "heldout_work": WORKS_IN_THE_HELDOUT_MEASUREMENT,
     "pickles": PICKLES,
     "pickled_weights": PICKLED_WEIGHTS,
     "batch_counts": BATCH_COUNTS,
@@ -1129,6 +1152,15 @@ def test_a_slowed_clock_meets_the_trials_own(attacked):
     """Row 9: its clocks run 10x slower, so the harness would let it train 30 s on a 3 s budget; the trial's clock
     stops it 10 s (the hand-over margin) past the budget after its first progress line."""
     row = attacked.rows["slow_clock"]
+    assert row["status"] == "timeout", (row["status"], row["reason"])
+    assert "after its first progress line on a 3 s budget" in row["reason"]
+
+
+@pytest.mark.slow
+def test_work_inside_the_held_out_measurement_meets_the_trials_clock(attacked):
+    """Issue 22: the held-out measurements are not counted by the harness, so a model that trains while it is
+    measured gains what the slowed clock gains: up to the trial's own clock, 10 s past the budget."""
+    row = attacked.rows["heldout_work"]
     assert row["status"] == "timeout", (row["status"], row["reason"])
     assert "after its first progress line on a 3 s budget" in row["reason"]
 

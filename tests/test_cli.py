@@ -252,7 +252,8 @@ def test_a_run_stopped_early_is_failed_rejected_and_named_by_wait_show_and_resul
     reason = "stopped early at 105 s of 300 s: training loss 2.1000 against the baseline's 1.5000 (...)"
     row = {"trial_id": "hopeless-r1", "candidate_id": "hopeless", "kind": "candidate", "status": "stopped_early",
            "reason": reason, "gpu_name": GPU, "baseline": selection.baseline(), "agent": "a1", "description": "x",
-           "source_sha256": candidate(layout, 3), "curve": [3.0, None] + [2.1] * 18, "early_stop_at": 105.0,
+           "source_sha256": candidate(layout, 3), "curve": [3.0, None] + [2.1] * 18,
+           "heldout_curve": [3.1] + [None] * 19, "early_stop_at": 105.0,
            "finished_at": results.now(), "started_at": results.now()}
     decision = selection.record(dict(row))
     results.write_row(layout.results, row)
@@ -262,6 +263,7 @@ def test_a_run_stopped_early_is_failed_rejected_and_named_by_wait_show_and_resul
     assert code == 1 and out.startswith(f"hopeless: stopped_early ({reason}); rejected by the selection")
     shown = run_cli(capsys, *root, "show", "hopeless")[1]
     assert '"curve": "3.0000 - 2.1000 2.1000' in shown and '"early_stop_at": 105.0' in shown
+    assert '"heldout_curve": "3.1000 - -' in shown
     assert json.loads(run_cli(capsys, *root, "show", "hopeless", "--json")[1])["rows"][0]["curve"][:2] == [3.0, None]
     listed = run_cli(capsys, *root, "results", "--status", "stopped_early")[1].splitlines()
     assert len(listed) == 2 and "hopeless-r1" in listed[1]

@@ -74,6 +74,16 @@ def test_nothing_is_stopped_without_a_reference_or_within_the_margin():
     assert stop_window(slightly_worse, controls(falling())) is None
 
 
+def test_a_curve_above_only_at_the_end_is_not_stopped():
+    """A stop at the budget's end would save nothing and cost the run its score (two such stops on the 300 s GPU
+    curves of 2026-12-03 before this)."""
+    late = falling()
+    late[-CONFIRM_WINDOWS:] = [2 * v for v in late[-CONFIRM_WINDOWS:]]
+    assert stop_window(late, controls(falling())) is None
+    late[-CONFIRM_WINDOWS - 1] *= 2
+    assert stop_window(late, controls(falling())) == CURVE_WINDOWS - 2
+
+
 def test_one_noisy_window_stops_nothing():
     curve = falling()
     curve[10] *= 1.5
@@ -225,6 +235,8 @@ def test_a_hopeless_trial_is_recorded_in_shadow_and_stopped_when_on(tmp_path, da
     if mode == "shadow":
         assert row["status"] == "ok" and row["val_bpc"] is not None, row["reason"]
         assert len(row["curve"]) == CURVE_WINDOWS and row["curve"][-1] > 20  # what it reported, 10 times its loss
+        heldout = [v for v in row["heldout_curve"] if v is not None]  # the harness's own measurement: its model's
+        assert len(heldout) >= CURVE_WINDOWS // 2 and all(0 < v < 6 for v in heldout)  # loss (5.5 nats untrained)
     else:
         assert row["status"] == "stopped_early", (row["status"], row["reason"])
         assert row["reason"].startswith("stopped early at") and "baseline's" in row["reason"]

@@ -226,3 +226,88 @@ def test_a_progress_line_carries_the_mean_loss_of_the_steps_since_the_last(monke
         start = end
     assert [line["loss"] for line in lines] == pytest.approx(means)
     assert all(b["step"] - a["step"] > 1 for a, b in zip(lines, lines[1:]))  # a line's mean is of several steps
+
+
+# ---------------------------------------------------------------------------- the held-out curve
+
+
+def held_out_split(folder: Path, size: int = 40_000) -> Path:
+    """A train split whose held-out windows (on the CPU, the last 257 bytes of each of 2 equal pieces) are all
+    255, the rest never 255: a byte 255 in a batch is a held-out byte drawn. The first piece's bytes are below
+    128, the second's from 128: a batch shows which pieces it drew from."""
+    pieces, length = harness.HELDOUT["cpu"]
+    data = np.random.default_rng(0).integers(0, 127, size, dtype=np.uint8)
+    data[size // pieces:] += 128
+    for end in range(size // pieces, size + 1, size // pieces):
+        data[end - length - 1:end] = 255
+    path = folder / "train.bin"
+    data.tofile(path)
+    return path
+
+
+def test_batches_never_draw_the_held_out_windows(harness_env, tmp_path):
+    """Held out: the end of each piece of the split; drawn: everything else, from every piece."""
+    harness_env.setenv("SCHEDULER_TRAIN_DATA", str(held_out_split(tmp_path)))
+    run = harness.Run()
+    pieces, length = harness.HELDOUT["cpu"]
+    assert run._heldout.shape == (pieces, length + 1) and bool((run._heldout == 255).all())
+    batches = torch.cat([run.batch(64, 256) for _ in range(50)])  # 3,200 windows of 257 bytes
+    assert int(batches.max()) < 255
+    first_piece = (batches < 128).all(dim=1)
+    assert 0.4 < float(first_piece.float().mean()) < 0.6  # evenly from both pieces, none across their border
+    assert bool(((batches >= 128).all(dim=1) | first_piece).all())
+
+
+def test_a_split_too_small_to_spare_holds_nothing_out(harness_env, tmp_path):
+    pieces, length = harness.HELDOUT["cpu"]
+    size = harness.HELDOUT_MIN_SPLIT * pieces * (length + 1) - 1
+    harness_env.setenv("SCHEDULER_TRAIN_DATA", str(held_out_split(tmp_path, size)))
+    run = harness.Run()
+    assert run._heldout is None and run.measure() == {}
+    assert int(torch.cat([run.batch(64, 256) for _ in range(50)]).max()) == 255  # every byte may be drawn
+    with pytest.raises(SystemExit, match="shorter seq_len"):
+        run.batch(1, size)
+
+
+class SlowInEval(torch.nn.Module):
+    """LongTensor[B, T] -> logits; in eval mode each forward moves the test's clock 5 s (as if it trained there)."""
+
+    def __init__(self, now: list[float]) -> None:
+        super().__init__()
+        self.emb, self.now, self.evals = torch.nn.Embedding(256, 256), now, 0
+        self.frozen = torch.nn.Dropout(0.5).eval()  # a submodule the candidate keeps in eval mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            self.now[0] += 5.0
+            self.evals += 1
+        return self.emb(x)
+
+
+def test_the_held_out_loss_is_measured_once_a_window_outside_the_counted_time(harness_env, tmp_path, monkeypatch,
+                                                                             capsys):
+    """A 20 s budget (windows of 1 s; lines every 0.5 s) and steps of 0.1 s: one held-out figure per window, at
+    its first line; the 5 s each measurement takes count neither in the lines' training seconds nor toward the
+    budget (the trial's own clock bounds such time: test_attacks.py, the slowed clock), and every module's
+    training flag is as the candidate left it."""
+    harness_env.setenv("SCHEDULER_TRAIN_DATA", str(held_out_split(tmp_path)))
+    harness_env.setenv("SCHEDULER_BUDGET", "20")
+    now = [1000.0]
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(harness.time, "time", lambda: now[0])
+    run = harness.Run()
+    model = SlowInEval(now)
+    model.train()
+    model.frozen.eval()
+    run._model = model  # as watch() leaves it (watch's export check and FLOP count are tested above)
+    while not run.done():
+        run.step(torch.tensor(1.0), tokens=1)
+        now[0] += 0.1
+    lines = [json.loads(line[len(protocol.PROGRESS_TAG):]) for line in capsys.readouterr().out.splitlines()
+             if line.startswith(protocol.PROGRESS_TAG)]
+    measured = [line for line in lines if "heldout" in line]
+    windows = [int(line["training_seconds"] / 20 * 20) for line in measured]
+    assert windows == list(range(20)) and model.evals == 20
+    assert all(line["heldout"] > 0 for line in measured)
+    assert 20.0 <= run.training_seconds <= 20.2 and run.heldout_seconds == pytest.approx(100.0)
+    assert model.training and not model.frozen.training and model.emb.training
