@@ -88,8 +88,18 @@ def progress_fields(text: str) -> dict:
         return {}
     if not isinstance(line, dict):
         return {}
-    return {key: line[key] for key in PROGRESS_KEYS if isinstance(line.get(key), (int, float))
-            and not isinstance(line[key], bool) and math.isfinite(line[key])}
+    return {key: line[key] for key in PROGRESS_KEYS if finite_number(line.get(key))}
+
+
+def finite_number(value: object) -> bool:
+    """Whether a parsed JSON value is a finite number: not a bool, and not an integer too large for a float, on
+    which math.isfinite raises (in the thread that reads the training's output, ending it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def printable(line: str) -> str:

@@ -15,6 +15,7 @@ import pytest
 
 from scheduler import results
 from scheduler.cli import build_parser
+from scheduler.earlystop import Curve
 from scheduler.launch import LOCAL_HOST, dashboard_lines
 from scheduler.selection import ACTOR_NAME
 from scheduler.protocol import PROGRESS_TAG
@@ -174,3 +175,18 @@ def test_a_progress_line_is_in_the_log_file_while_the_run_goes_on(tmp_path):
     assert line in (tmp_path / "log.txt").read_text()
     os.close(write_end)
     log.close()
+
+
+def test_a_progress_figure_too_large_for_a_float_does_not_end_the_reading(tmp_path):
+    """A progress line is the candidate's JSON: an integer of 400 digits (math.isfinite raises on it) is skipped,
+    and the thread that reads the training's output (the log, the curves, the trial's clock) reads on."""
+    read_end, write_end = os.pipe()
+    heldout = Curve(3.0)
+    log = OutputLog(tmp_path / "log.txt", {"heldout": heldout})
+    log.follow(os.fdopen(read_end, "rb"))
+    os.write(write_end, f'{PROGRESS_TAG}{{"training_seconds": 1.0, "heldout": 1{"0" * 400}}}\n'.encode())
+    os.write(write_end, (PROGRESS_TAG + json.dumps({"training_seconds": 1.0, "heldout": 2.5}) + "\n").encode())
+    os.close(write_end)
+    log.close()
+    assert log.progress == {"training_seconds": 1.0, "heldout": 2.5}
+    assert heldout.values()[6] == 2.5 and log.first_progress is not None
