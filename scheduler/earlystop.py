@@ -92,6 +92,8 @@ class Curve:
         if not (math.isfinite(training_seconds) and math.isfinite(loss)) or training_seconds <= 0 or self.budget <= 0:
             return
         index = window_of(training_seconds, self.budget)
+        if not math.isfinite(self._sums[index] + loss):  # forged figures near the float's limit would sum to inf,
+            return                                        # which rows keep and strict JSON readers refuse
         self._sums[index] += loss
         self._counts[index] += 1
         self.last_seconds = max(self.last_seconds, training_seconds)

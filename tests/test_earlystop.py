@@ -43,6 +43,15 @@ def test_a_curve_is_the_mean_loss_per_window_of_counted_seconds():
     assert curve.values(complete_only=True)[:2] == [3.0, 1.0]
 
 
+def test_a_curve_never_holds_an_infinite_mean():
+    """Progress lines are the candidate's: two figures near the float's limit in one window would sum to inf, which
+    a row keeps and `results --json` prints as `Infinity`, which strict JSON readers refuse for every row."""
+    curve = Curve(BUDGET)
+    for loss in (1e308, 1e308, -1e308):
+        curve.add(5.0, loss)
+    assert all(math.isfinite(v) for v in curve.values() if v is not None)
+
+
 def test_a_window_still_filling_is_not_judged():
     curve = Curve(BUDGET)
     curve.add(14.0, 2.0)
