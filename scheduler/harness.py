@@ -73,6 +73,9 @@ LINES_PER_WINDOW = 2      # a short budget gets more, so that each window of its
 # GPU 32 of the evaluation's windows; on the CPU (tests, demos) 2 of 256 bytes: 6 ms for the tests' tiny model
 HELDOUT = {"cuda": (32, WINDOW), "cpu": (2, WINDOW // 4)}
 HELDOUT_MIN_SPLIT = 10    # a split held out from must be this many times what is held out (tests' tiny corpora are)
+HELDOUT_MAX_SECONDS = 2.0 # measuring stops past this many seconds in all: the trial's clock counts them in its 10 s
+                          # margin (export needs 2-4 s of it), and a model large enough to take that long would
+                          # otherwise be stopped as overdue
 # What a finished standalone run becomes: a process that waits for the evaluation and exits with its code
 WAIT_FOR_CHILD = "import os, sys; _, s = os.waitpid(int(sys.argv[1]), 0); sys.exit(os.waitstatus_to_exitcode(s))"
 
@@ -193,7 +196,6 @@ class Clock:
             self._exit_if_not_finite(mean)  # a step between the syncs
             self._loss_sum, self._loss_count = 0.0, 0
             self._print_progress(mean)
-            self._last_mark = time.perf_counter()  # a held-out measurement in the line is not training time
 
     def _exit_if_not_finite(self, loss: float) -> None:
         if not math.isfinite(loss):
@@ -302,6 +304,11 @@ class Run(Clock):
         window = window_of(round(self.training_seconds, 2), self.budget) if self.budget > 0 else 0
         if self._model is None or self._heldout is None or window == self._heldout_window:
             return {}
+        if self.heldout_seconds >= HELDOUT_MAX_SECONDS:
+            print(f"harness: held-out loss took {self.heldout_seconds:.1f} s, its limit "
+                  f"(HELDOUT_MAX_SECONDS); not measured again", flush=True)
+            self._model = None
+            return {}
         self._heldout_window = window
         started = time.perf_counter()
         try:
@@ -311,7 +318,9 @@ class Run(Clock):
             self._model = None
             return {}
         finally:
-            self.heldout_seconds += time.perf_counter() - started
+            spent = time.perf_counter() - started
+            self.heldout_seconds += spent
+            self._last_mark += spent  # not training time
         return {"heldout": round(loss, 5)} if math.isfinite(loss) else {}
 
     # ------------------------------------------------------------------ end
@@ -354,8 +363,8 @@ class Run(Clock):
         print(f"harness: handed over {self.out_dir / PROGRAM_FILE} after {self.steps} steps, "
               f"{self.training_seconds:.1f} s of training; start-up: interpreter {self.interpreter_seconds:.1f} s, "
               f"set-up {self.setup_seconds:.1f} s (export check {self.check_seconds:.1f} s), first steps "
-              f"{self.warmup_seconds:.1f} s; export {self.export_seconds:.1f} s; held-out loss {self.heldout_seconds:.1f} s "
-              "(uncounted)", flush=True)
+              f"{self.warmup_seconds:.1f} s; export {self.export_seconds:.1f} s; held-out loss "
+              f"{self.heldout_seconds:.1f} s (uncounted)", flush=True)
 
         if self._evaluation is not None:
             hand_over_to_evaluation(self._evaluation)

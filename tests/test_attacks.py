@@ -453,9 +453,11 @@ if __name__ == "__main__":
 
 # Issue 22: works where the harness's clock does not run. Once a window of the curve the harness measures the
 # model's held-out loss outside the counted time, calling it in eval mode; this model's eval-mode forward works 2 s
-# each time (a sleep stands in for training steps): 40 s on a 3 s budget
+# each time (a sleep stands in for training steps), and it lifts the harness's limit on that time: 40 s on a 3 s
+# budget
 WORKS_IN_THE_HELDOUT_MEASUREMENT = HONEST + '''
 STEPS = 10**9  # trains until run.done()
+harness.HELDOUT_MAX_SECONDS = float("inf")
 
 
 class WorksInEval(Bigram):

@@ -270,44 +270,59 @@ def test_a_split_too_small_to_spare_holds_nothing_out(harness_env, tmp_path):
 
 
 class SlowInEval(torch.nn.Module):
-    """LongTensor[B, T] -> logits; in eval mode each forward moves the test's clock 5 s (as if it trained there)."""
+    """LongTensor[B, T] -> logits; in eval mode each forward moves the test's clock `seconds`."""
 
-    def __init__(self, now: list[float]) -> None:
+    def __init__(self, now: list[float], seconds: float) -> None:
         super().__init__()
-        self.emb, self.now, self.evals = torch.nn.Embedding(256, 256), now, 0
+        self.emb, self.now, self.seconds, self.evals = torch.nn.Embedding(256, 256), now, seconds, 0
         self.frozen = torch.nn.Dropout(0.5).eval()  # a submodule the candidate keeps in eval mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            self.now[0] += 5.0
+            self.now[0] += self.seconds
             self.evals += 1
         return self.emb(x)
 
 
-def test_the_held_out_loss_is_measured_once_a_window_outside_the_counted_time(harness_env, tmp_path, monkeypatch,
-                                                                             capsys):
-    """A 20 s budget (windows of 1 s; lines every 0.5 s) and steps of 0.1 s: one held-out figure per window, at
-    its first line; the 5 s each measurement takes count neither in the lines' training seconds nor toward the
-    budget (the trial's own clock bounds such time: test_attacks.py, the slowed clock), and every module's
-    training flag is as the candidate left it."""
+def measured_run(harness_env, tmp_path, monkeypatch, capsys,
+                 seconds: float) -> tuple[harness.Run, SlowInEval, list, str]:
+    """A 20 s budget (windows of 1 s; lines every 0.5 s), steps of 0.1 s on the test's clock, a model whose
+    measurement takes `seconds`: the run, the model, the progress lines that carry a held-out figure, the output."""
     harness_env.setenv("SCHEDULER_TRAIN_DATA", str(held_out_split(tmp_path)))
     harness_env.setenv("SCHEDULER_BUDGET", "20")
     now = [1000.0]
     monkeypatch.setattr(harness.time, "perf_counter", lambda: now[0])
     monkeypatch.setattr(harness.time, "time", lambda: now[0])
     run = harness.Run()
-    model = SlowInEval(now)
+    model = SlowInEval(now, seconds)
     model.train()
     model.frozen.eval()
     run._model = model  # as watch() leaves it (watch's export check and FLOP count are tested above)
     while not run.done():
         run.step(torch.tensor(1.0), tokens=1)
         now[0] += 0.1
-    lines = [json.loads(line[len(protocol.PROGRESS_TAG):]) for line in capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out
+    lines = [json.loads(line[len(protocol.PROGRESS_TAG):]) for line in out.splitlines()
              if line.startswith(protocol.PROGRESS_TAG)]
-    measured = [line for line in lines if "heldout" in line]
+    return run, model, [line for line in lines if "heldout" in line], out
+
+
+def test_the_held_out_loss_is_measured_once_a_window_outside_the_counted_time(harness_env, tmp_path, monkeypatch,
+                                                                             capsys):
+    """One held-out figure per window, at its first line; the 0.05 s each measurement takes count neither in the
+    lines' training seconds nor toward the budget, and every module's training flag is as the candidate left it."""
+    run, model, measured, _ = measured_run(harness_env, tmp_path, monkeypatch, capsys, seconds=0.05)
     windows = [int(line["training_seconds"] / 20 * 20) for line in measured]
     assert windows == list(range(20)) and model.evals == 20
     assert all(line["heldout"] > 0 for line in measured)
-    assert 20.0 <= run.training_seconds <= 20.2 and run.heldout_seconds == pytest.approx(100.0)
+    assert 20.0 <= run.training_seconds <= 20.2 and run.heldout_seconds == pytest.approx(1.0)
     assert model.training and not model.frozen.training and model.emb.training
+
+
+def test_measuring_stops_past_its_time_limit(harness_env, tmp_path, monkeypatch, capsys):
+    """The trial's clock counts the measurements in its 10 s margin: past HELDOUT_MAX_SECONDS (a model that takes
+    0.7 s a measurement: 3 of them) the harness measures no more, rather than get an honest slow model stopped.
+    (A candidate that lifts the limit gains up to that margin: test_attacks.py, the held-out measurement.)"""
+    run, model, measured, out = measured_run(harness_env, tmp_path, monkeypatch, capsys, seconds=0.7)
+    assert len(measured) == model.evals == 3 and run.heldout_seconds == pytest.approx(2.1)
+    assert out.count("held-out loss took 2.1 s, its limit (HELDOUT_MAX_SECONDS); not measured again") == 1
