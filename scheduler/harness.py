@@ -15,17 +15,17 @@ The training process only ever gets the train split, and `batch` never draws
 the window at the end of each of its HELDOUT equal pieces: once in each window
 of the loss curve, the harness measures the watched model's loss on them (eval
 mode, not counted as training time) and prints it in the progress line as
-`heldout`, a curve that sees over-fitting where the training loss cannot. `finish` hands the model
-over as data (scheduler/handover.py): its graph, traced with torch.export at
-the evaluation's input shape, and its weights as safetensors. Scoring happens in
-a fresh process (scheduler/evaluate.py) that rebuilds the model from those
-files without running any of the candidate's code. `watch` tries the export
-right after the model is built, so a model that cannot be handed over fails in
-seconds (EXPORT_FAILED, exit code EXIT_EXPORT), not after training. Run on its
-own (`python train.py`), `Run()` starts that evaluation beside training,
-waiting with its imports done, and `finish` tells it to score and hands the
-terminal over to it, so the summary block is printed as the original script
-printed it (the figures go to SCHEDULER_OUT/result.json).
+`heldout`, a curve that sees over-fitting where the training loss cannot.
+`finish` hands the model over as data (scheduler/handover.py): its graph,
+traced with torch.export at the evaluation's input shape, and its weights as
+safetensors. Scoring happens in a fresh process (scheduler/evaluate.py) that
+rebuilds the model from those files without running any of the candidate's
+code. `watch` tries the export right after the model is built, so a model that
+cannot be handed over fails in seconds (EXPORT_FAILED, exit code EXIT_EXPORT),
+not after training. Run on its own (`python train.py`), `Run()` starts that
+evaluation beside training, waiting with its imports done, and `finish` tells
+it to score and hands the terminal over to it, so the summary block is printed
+as the original script printed it (the figures go to SCHEDULER_OUT/result.json).
 
 Environment (set by the scheduler's trial; defaults make `python train.py` work):
     SCHEDULER_TRAIN_DATA   path of the train split (default data/train.bin)
@@ -305,8 +305,8 @@ class Run(Clock):
         if self._model is None or self._heldout is None or window == self._heldout_window:
             return {}
         if self.heldout_seconds >= HELDOUT_MAX_SECONDS:
-            print(f"harness: held-out loss took {self.heldout_seconds:.1f} s, its limit "
-                  f"(HELDOUT_MAX_SECONDS); not measured again", flush=True)
+            print(f"harness: held-out loss took {self.heldout_seconds:.1f} s, past its limit (HELDOUT_MAX_SECONDS = "
+                  f"{HELDOUT_MAX_SECONDS:g} s); not measured again", flush=True)
             self._model = None
             return {}
         self._heldout_window = window

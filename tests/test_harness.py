@@ -325,4 +325,4 @@ def test_measuring_stops_past_its_time_limit(harness_env, tmp_path, monkeypatch,
     (A candidate that lifts the limit gains up to that margin: test_attacks.py, the held-out measurement.)"""
     run, model, measured, out = measured_run(harness_env, tmp_path, monkeypatch, capsys, seconds=0.7)
     assert len(measured) == model.evals == 3 and run.heldout_seconds == pytest.approx(2.1)
-    assert out.count("held-out loss took 2.1 s, its limit (HELDOUT_MAX_SECONDS); not measured again") == 1
+    assert out.count("held-out loss took 2.1 s, past its limit (HELDOUT_MAX_SECONDS = 2 s); not measured again") == 1
