@@ -9,13 +9,13 @@ save, and would it stop a candidate that ended within the baseline's noise or be
 
 Curves come from result rows (their `curve` column; `heldout_curve` with --curve heldout), or are rebuilt from
 the progress lines of trial logs (`@@progress {"training_seconds": ..., "loss": ...}`, or `"heldout"`) with the
-trial's own Curve. A log's name is its trial id
-(the folder of a log.txt, or a *.log file's stem); its final score is the row's `val_bpc` for that trial id, else
-the `val_bpc:` line the evaluation printed into the log. As in a launch, a candidate's first run is judged
-against the scored runs of the baseline it ran against (rows: runs whose source is that baseline's, its control
-runs and the runs that made it the baseline; logs without rows: names matching --control, by default `-c<N>` as
-launch names control runs), at the same budget; each of those baseline runs is judged against the others, where
-they are enough for a reference (earlystop.MIN_CURVES), and any stop of one is a wrong stop.
+trial's own Curve. A log's name is its trial id (the folder of a log.txt, or a *.log file's stem); its final
+score is the row's `val_bpc` for that trial id, else the `val_bpc:` line the evaluation printed into the log. As
+in a launch, a candidate's first run is judged against the scored runs of the baseline it ran against (rows:
+runs whose source is that baseline's, its control runs and the runs that made it the baseline; logs without
+rows: names matching --control, by default `-c<N>` as launch names control runs), at the same budget; each of
+those baseline runs is judged against the others, where they are enough for a reference (earlystop.MIN_CURVES),
+and any stop of one is a wrong stop.
 
 A stop is right when the candidate ended more than WRONG_STOP_SIGMAS σ worse than the baseline's mean (σ: the
 spread of the control runs' scores, at least --sigma); any other stop is a wrong stop. Bar (issue 22): no wrong
