@@ -37,7 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scheduler.earlystop import WRONG_STOP_SIGMAS, Curve, Reference, at_budget, stop_window, window_end  # noqa: E402
+from scheduler.earlystop import (WRONG_STOP_SIGMAS, Curve, Reference, anchored, at_budget, stop_window,  # noqa: E402
+                                 window_end)
 from scheduler.protocol import PROGRESS_TAG  # noqa: E402
 
 SAVED_BAR = 0.30       # issue 22: at least this share of those candidates' training time saved ...
@@ -46,6 +47,7 @@ PRIOR_SIGMA = 0.004    # bpc: the promotion rule's prior (--prior-sigma), the le
 CONTROL_ID = r"-c\d+(-a2)?$"  # launch's trial ids of control runs
 CURVES = {"loss": "curve", "heldout": "heldout_curve"}  # --curve: the progress lines' field -> the rows' column
 VAL_LINE = re.compile(r"^val_bpc:\s+([0-9.]+)", re.M)
+TRAIN_LINE = re.compile(r"^train_bpc:\s+([0-9.]+)", re.M)
 # The CPU curves (--cpu-run): tiny variants of the project's train.py, each one idea, better and worse
 TINY = dict(MODEL_DIM=32, MODEL_DEPTH=1, MODEL_HEADS=2, BATCH_SIZE=4)
 CPU_VARIANTS = {
@@ -71,6 +73,7 @@ class Run:
     source: str          # the baseline id of its own source (base-<sha256[:12]>), or the log's name
     judged: str | None   # a candidate's first run: the baseline it ran against; None for other runs
     budget: float
+    train_bpc: float | None = None  # the evaluation's score on the train split: a reference's anchor
 
 
 def curve_from_log(path: Path, budget: float, key: str) -> Curve:
@@ -96,7 +99,7 @@ def runs_from_rows(rows: list[dict], budget: float | None, key: str) -> list[Run
 
     budget, column = budget or launch_budget(rows), CURVES[key]
     return [Run(r["trial_id"], list(r[column]), r["val_bpc"], baseline_id(r["source_sha256"]),
-                r["baseline"] if r["kind"] == "candidate" else None, budget)
+                r["baseline"] if r["kind"] == "candidate" else None, budget, r.get("train_bpc"))
             for r in rows if r.get(column) and r["status"] == "ok" and r.get("val_bpc") is not None
             and at_budget(r["training_seconds"], budget)]
 
@@ -129,7 +132,8 @@ def runs_from_logs(folder: Path, rows: list[dict], budget: float | None, control
             source, judged = baseline_id(row["source_sha256"]), row["baseline"] if row["kind"] == "candidate" else None
         else:
             source, judged = ("baseline", None) if re.search(control, name) else (name, "baseline")
-        runs.append(Run(name, curve, score, source, judged, trained))
+        trained_on = row.get("train_bpc") or (float(TRAIN_LINE.findall(text)[-1]) if TRAIN_LINE.search(text) else None)
+        runs.append(Run(name, curve, score, source, judged, trained, trained_on))
     return runs
 
 
@@ -153,9 +157,16 @@ def simulate(runs: list[Run], min_sigma: float) -> dict:
         mean = statistics.fmean(scores)
         sigma = max(statistics.stdev(scores) if len(scores) > 1 else 0.0, min_sigma)
         lines.append(f"baseline {group}: {mean:.4f} ± {sigma:.4f} bpc ({len(controls)} curves of its runs)")
+        # as in a launch, a curve that ends far below its model's score on the train split is no reference;
+        # logs from before that score existed cannot be checked
+        unchecked = sum(c.train_bpc is None for c in controls)
+        usable = [c for c in controls if c.train_bpc is None or anchored(c.curve, c.train_bpc)]
+        if unchecked or len(usable) < len(controls):
+            lines.append(f"  anchor: {len(controls) - len(usable)} of its curves refused, {unchecked} not checked "
+                         f"(no train_bpc)")
         for run in sorted(members, key=lambda r: (r.source != group, r.val_bpc)):
             baseline_run = run.source == group
-            reference = Reference.of([c.curve for c in controls if c is not run])
+            reference = Reference.of([c.curve for c in usable if c is not run])
             index = stop_window(run.curve, reference)
             worse = (run.val_bpc - mean) / sigma
             bad = not baseline_run and worse > WRONG_STOP_SIGMAS

@@ -26,8 +26,8 @@ judged (never control runs, never confirmation reruns of a candidate that alread
 progress line is what the candidate's process printed: a forged curve can keep its own trial from being stopped,
 or get it stopped, nothing more. References are built only from runs of the current baseline's own source (its
 control runs, and the runs that made it the baseline; matched by the full sha256 the queue entry carries, not by
-anything the candidate says), and a curve whose end claims a loss well below its trusted validation score
-(ANCHOR_TOLERANCE) is left out.
+anything the candidate says), and a curve whose end claims a loss well below the trusted evaluation's score of
+its model on a stretch of the train split (`train_bpc`, ANCHOR_TOLERANCE) is left out.
 
 `launch --early-stop off|shadow|on` (default shadow): `shadow` judges every first run and records in its row when
 the rule would have stopped it (`early_stop_at`, counted seconds), and stops nothing; `on` stops it (status
@@ -47,14 +47,15 @@ from dataclasses import dataclass
 
 CURVE_WINDOWS = 20       # a curve holds the mean loss in each 5% of the budget (15 s of a 300 s budget)
 MIN_FRACTION = 0.3       # nothing is stopped before 30% of the budget: early curves cross
-MARGIN_EARLY = 0.12      # relative excess over the reference's mean tolerated at MIN_FRACTION ...
-MARGIN_LATE = 0.04       # ... narrowing linearly to this at the end of the budget
+MARGIN_EARLY = 0.03      # relative excess over the reference's mean tolerated at MIN_FRACTION ...
+MARGIN_LATE = 0.02       # ... narrowing linearly to this at the end of the budget (docs/design.md: the 300 s curves)
 SPREAD_SIGMAS = 3.0      # and on top, this many times the control runs' spread in that window
 CONFIRM_WINDOWS = 2      # windows in a row above the line before a stop: one noisy window stops nothing
 MIN_CURVES = 3           # baseline curves a reference needs: with one, its spread is unknown, and one fast control
                          # run stopped the best CPU candidate (it crossed back below by the end)
-ANCHOR_TOLERANCE = 0.10  # a control curve whose last window, in bits, is below its val bpc by more than this
-                         # fraction claims a training loss its model does not have: it is not a reference
+ANCHOR_TOLERANCE = 0.10  # a control curve whose last window, in bits, is below the evaluation's score of its model
+                         # on text it trained on (train_bpc) by more than this fraction claims a training loss its
+                         # model does not have: it is not a reference
 BUDGET_MATCH = 0.10      # a reference's runs trained the budget, and at most this fraction ...
 OVERSHOOT_S = 5.0        # ... and these seconds more (the last step: 1.5 s on a loaded CPU); budgets in use (300,
                          # 90, 60, 45 s) are further apart
@@ -171,14 +172,22 @@ def usable_control(row: dict, baseline_sha: str, budget: float) -> bool:
     """Whether a result row's curve may be a reference for candidates of the baseline whose source has sha256
     `baseline_sha`, at `budget`: a scored run of that very source (a control run, or a run that made it the
     baseline when it was a candidate), at about that budget, whose curve does not end below what its trusted
-    score allows."""
+    score on the train split allows (not the validation score: at 300 s a model's loss on text it trained on is
+    20-25% below it, and a curve anchored there was never a reference on a GPU)."""
     curve = row.get("curve")
     if (row.get("source_sha256") != baseline_sha or row.get("status") != "ok"
             or not curve or len(curve) != CURVE_WINDOWS or row.get("val_bpc") is None
             or not at_budget(row.get("training_seconds"), budget)):
         return False
+    return anchored(curve, row.get("train_bpc"))
+
+
+def anchored(curve: list[float | None], train_bpc: float | None) -> bool:
+    """Whether a curve's last window (nats) claims no lower a loss than the evaluation found, `train_bpc`, on a
+    stretch of the train split, by more than ANCHOR_TOLERANCE (False without that figure)."""
     last = next((v for v in reversed(curve) if v is not None), None)
-    return last is not None and last / math.log(2) >= row["val_bpc"] * (1 - ANCHOR_TOLERANCE)
+    return (last is not None and train_bpc is not None and math.isfinite(train_bpc)
+            and last / math.log(2) >= train_bpc * (1 - ANCHOR_TOLERANCE))
 
 
 def at_budget(training_seconds: float | None, budget: float) -> bool:

@@ -16,7 +16,10 @@ same weights give the same figure every time.
 
 It writes RESULT_JSON (atomically, after each split) with the figures it made
 itself: val_bpc, test_bpc, bytes scored, seconds, the program's parameters and
-forward FLOPs, the rows checked for causality. OUT_DIR/train_stats.json, what
+forward FLOPs, the rows checked for causality; and train_bpc, the model's score
+on TRAIN_SAMPLE_WINDOWS windows of the train split from secret places (text it
+trained on), which anchors the training's own loss curve
+(earlystop.usable_control). OUT_DIR/train_stats.json, what
 the training says of itself, is read for the printed summary only.
 
 With --wait it first imports its libraries, starts CUDA and puts the splits on
@@ -66,6 +69,11 @@ MAX_STATS_BYTES = 2**20
 CLAIMS = ("training_seconds", "peak_vram_mb", "mfu_percent", "total_tokens", "num_steps", "num_params", "depth",
           "precision")
 MAX_CLAIM_STRING = 64
+# Windows of the train split at secret random places, scored too (train_bpc): the model's loss on text it trained
+# on, which a control run's training-loss curve must not claim to beat by much (earlystop.usable_control). Spread
+# over the split like training batches: one contiguous 64 KiB stretch scored 1.06 and 1.22 bpc for two runs of
+# the same model whose training loss ended at 0.75 (H200, proxy corpus, 60 s), its text unlike the split's mean.
+TRAIN_SAMPLE_WINDOWS = 64
 
 
 class EvalError(Exception):
@@ -231,6 +239,18 @@ def load_split(split_file: Path, device: torch.device) -> torch.Tensor:
     return data
 
 
+def load_train_sample(train_file: Path, device: torch.device) -> torch.Tensor | None:
+    """TRAIN_SAMPLE_WINDOWS windows of WINDOW bytes of the train split, from places the candidate cannot know, one
+    after another (each window's last target is the next one's first byte: one byte in WINDOW scored out of its
+    context, which can only raise the figure); None without a split that holds a window."""
+    size = train_file.stat().st_size if train_file.is_file() else 0
+    if size <= WINDOW:
+        return None
+    split = np.memmap(train_file, dtype=np.uint8, mode="r")
+    starts = [secrets.randbelow(size - WINDOW + 1) for _ in range(TRAIN_SAMPLE_WINDOWS)]
+    return torch.from_numpy(np.concatenate([split[start:start + WINDOW] for start in starts])).to(device)
+
+
 def read_claims(out_dir: Path) -> dict:
     """What the training says of itself (STATS_FILE), for the printed summary only: numbers and short strings
     of the known keys; anything else, or a file that cannot be read safely, gives nothing."""
@@ -306,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     files = {split: args.data_dir / f"{split}.bin" for split in args.split}
     data = {split: load_split(file, device) for split, file in files.items() if file.exists()}
+    train_sample = load_train_sample(args.data_dir / "train.bin", device)
     if args.wait:
         warm_up(device)
         if sys.stdin.readline().strip() != GO:
@@ -336,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
             if split == "val":
                 result.update(val_bpc=round(scored.bpc, 6), eval_seconds=round(time.time() - started, 3),
                               score_seconds=seconds, bytes_scored=scored.bytes_scored)
+                if train_sample is not None:  # not a score: the anchor of the training's curve, after the timings
+                    trained = score(program, train_sample, device, check_batches=0).bpc
+                    result["train_bpc"] = round(trained, 6) if math.isfinite(trained) else None
             else:  # an addition to the validation result: its timings stay those of the validation scoring
                 result.update(test_bpc=round(scored.bpc, 6), test_eval_seconds=seconds,
                               test_bytes_scored=scored.bytes_scored)
@@ -345,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.started is not None:
                 result["total_seconds"] = round(time.time() - args.started, 1)
             write_result(args.result, result)
+            if split == "val" and result.get("train_bpc") is not None:  # before the block, which keeps its format
+                print(f"train_bpc: {result['train_bpc']:.6f} (the model on text it trained on: the early-stop anchor)")
             print(format_summary({**read_claims(args.out_dir), **result}, split), flush=True)
     except RefusedError as error:
         args.result.unlink(missing_ok=True)  # a refused model has no score, not even of an earlier split

@@ -605,6 +605,7 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
         status=status, reason=reason, error_tail="\n".join(log.last_lines()) if status != "ok" else "",
         val_bpc=figures.get("val_bpc") if status == "ok" else None,
         test_bpc=figures.get("test_bpc") if status == "ok" else None,
+        train_bpc=figures.get("train_bpc") if status == "ok" else None,
         eval_seconds=figures.get("eval_seconds"),
         finished_at=time.time(), total_seconds=round(time.time() - started, 1),
     )

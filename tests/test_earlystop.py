@@ -4,9 +4,11 @@ training, but for one trial run by run_trial in each mode (slow)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
+from bench import early_stop_sim as sim
 from scheduler.earlystop import (CONFIRM_WINDOWS, CURVE_WINDOWS, MARGIN_EARLY, MARGIN_LATE, MIN_CURVES, MIN_FRACTION,
                                  Curve, EarlyStop, Reference, references, stop_window, usable_control, window_end)
 
@@ -27,7 +29,8 @@ def controls(*curves: list[float]) -> Reference:
 def control_row(curve: list[float | None], **fields) -> dict:
     last = curve[-1]
     return {"kind": "control", "source_sha256": BASELINE_SHA, "status": "ok", "curve": curve, "gpu_name": "NVIDIA H200",
-            "val_bpc": last / math.log(2), "training_seconds": BUDGET + 0.4, **fields}
+            "val_bpc": last / math.log(2), "train_bpc": last / math.log(2), "training_seconds": BUDGET + 0.4,
+            **fields}
 
 
 def test_a_curve_is_the_mean_loss_per_window_of_counted_seconds():
@@ -117,6 +120,18 @@ def test_the_control_runs_spread_widens_the_line():
     assert wide.line(CURVE_WINDOWS - 1) > narrow.line(CURVE_WINDOWS - 1)
 
 
+@pytest.mark.parametrize("folder, budget", [("h200-300s", 300.0), ("h200-60s", 60.0)])
+def test_on_the_recorded_gpu_curves_the_rule_meets_issue_22s_bar(folder, budget):
+    """bench/curves holds the H200 launches' logs: the rule, replayed as bench/early_stop_sim.py does with the
+    control runs' measured sigma, stops no run that ended within 3 sigma of the baseline or better, and saves at
+    least 30% of the training time of the candidates that ended more than 3 sigma worse."""
+    runs = sim.runs_from_logs(Path(__file__).parent.parent / "bench" / "curves" / folder, [], budget,
+                              sim.CONTROL_ID, "loss")
+    found = sim.simulate(runs, min_sigma=0.001)
+    assert found["wrong"] == 0, "\n".join(found["lines"])
+    assert found["bad"] >= 2 and found["saved_share"] >= sim.SAVED_BAR, "\n".join(found["lines"])
+
+
 def test_shadow_records_when_it_would_stop_and_stops_nothing():
     curve = Curve(BUDGET)
     for seconds in range(5, 300, 5):
@@ -159,7 +174,7 @@ def test_references_come_only_from_scored_runs_of_the_current_baselines_source()
         {**good, "training_seconds": 45.0},                   # another budget
         {**good, "training_seconds": 400.0},
         {**good, "curve": None},
-        {**good, "gpu_name": "NVIDIA A100", "curve": falling(4.0, 2.0), "val_bpc": 2.0 / math.log(2)},
+        {**good, "gpu_name": "NVIDIA A100", "curve": falling(4.0, 2.0), "train_bpc": 2.0 / math.log(2)},
     ]
     found = references(rows, BASELINE_SHA, BUDGET)
     assert found == {"NVIDIA H200": [good["curve"], promoted["curve"]], "NVIDIA A100": [falling(4.0, 2.0)]}
@@ -167,11 +182,22 @@ def test_references_come_only_from_scored_runs_of_the_current_baselines_source()
 
 def test_a_control_curve_that_ends_below_its_trusted_score_is_no_reference():
     """A baseline's code prints its own loss: one that claims far lower training loss than the evaluation finds
-    for its weights would make every candidate look worse; it is left out."""
+    for its weights on text it trained on (train_bpc) would make every candidate look worse; it is left out."""
     honest = control_row(falling())
     assert usable_control(honest, BASELINE_SHA, BUDGET)
     forged = {**honest, "curve": [v * 0.5 for v in falling()]}
     assert not usable_control(forged, BASELINE_SHA, BUDGET)
+    assert not usable_control({**honest, "train_bpc": None}, BASELINE_SHA, BUDGET)  # rows from before the figure
+
+
+def test_a_model_that_memorises_is_anchored_to_its_train_split_score_not_its_validation_score():
+    """The H200 control runs at 300 s (bench/curves/h200-300s/launch3, c6): the last window's training loss,
+    0.4013 nats, is 24% below the run's val bpc 0.7584 (three passes over the split); anchored to the validation
+    score no GPU control curve at 300 s (nor at 60 s: 14-17% below) was ever a reference."""
+    curve = [*falling(3.0, 0.45)[:-1], 0.4013]
+    assert not usable_control(control_row(curve, val_bpc=0.7584, train_bpc=0.7584), BASELINE_SHA, BUDGET)
+    assert usable_control(control_row(curve, val_bpc=0.7584, train_bpc=0.4013 / math.log(2) * 0.97),
+                          BASELINE_SHA, BUDGET)
 
 
 @pytest.mark.parametrize("mode", ["shadow", "on", "off"])

@@ -191,6 +191,19 @@ def test_a_good_program_is_scored(tmp_path, data_dir, capsys):
     assert list(block) == list(SUMMARY_KEYS)
     assert block["num_steps"].strip() == "12" and block["depth"].strip() == "n/a"
     assert float(block["val_bpc"]) == figures["val_bpc"]
+    assert math.isfinite(figures["train_bpc"])
+    assert lines[lines.index("---") - 1].startswith(f"train_bpc: {figures['train_bpc']:.6f} ")
+
+
+def test_the_train_sample_is_windows_of_the_train_split_from_places_the_candidate_cannot_know(data_dir):
+    """train_bpc anchors a control run's own loss curve: windows of the train split, drawn afresh each time."""
+    train = (data_dir / "train.bin").read_bytes()
+    samples = [evaluate.load_train_sample(data_dir / "train.bin", CPU).numpy().tobytes() for _ in range(2)]
+    size = evaluate.TRAIN_SAMPLE_WINDOWS * protocol.WINDOW
+    assert all(len(sample) == size for sample in samples) and samples[0] != samples[1]
+    windows = [samples[0][i:i + protocol.WINDOW] for i in range(0, size, protocol.WINDOW)]
+    assert all(window in train for window in windows) and len({train.index(w) for w in windows}) > 1
+    assert evaluate.load_train_sample(data_dir / "missing.bin", CPU) is None
 
 
 def test_a_peeking_program_is_refused(tmp_path, data_dir, capsys):
