@@ -8,8 +8,9 @@
 # Runs bench/scheduler_run.py with the variants (separated by |) and copies each trial's log into $OUT every 15 s,
 # so a call cut off by the device's time limit still brings back the curves recorded so far (a LIMIT below the
 # call's limit leaves time for the last copy and the rows). --prior-sigma 1 keeps every candidate from earning
-# reruns: the launch stays the size asked for. Replay the early-stop rule on the logs afterwards with
-# `python bench/early_stop_sim.py --logs DIR --budget BUDGET` (`--curve heldout`: on the held-out loss). gpu.csv
+# reruns: the launch stays the size asked for. The selection asks for control runs only beside candidates: CONTROLS=N
+# needs N-1 variants or more (3 control runs with one variant gave 2). Replay the early-stop rule on the logs
+# afterwards with `python bench/early_stop_sim.py --logs DIR --budget BUDGET` (`--curve heldout`: on the held-out loss). gpu.csv
 # samples the GPU's use every 0.5 s (how busy it is while a trial starts up, compiles and captures, against the
 # rows' start times).
 #
