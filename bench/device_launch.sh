@@ -10,9 +10,9 @@
 # call's limit leaves time for the last copy and the rows). --prior-sigma 1 keeps every candidate from earning
 # reruns: the launch stays the size asked for. The selection asks for control runs only beside candidates: CONTROLS=N
 # needs N-1 variants or more (3 control runs with one variant gave 2). Replay the early-stop rule on the logs
-# afterwards with `python bench/early_stop_sim.py --logs DIR --budget BUDGET` (`--curve heldout`: on the held-out loss). gpu.csv
-# samples the GPU's use every 0.5 s (how busy it is while a trial starts up, compiles and captures, against the
-# rows' start times).
+# afterwards with `python bench/early_stop_sim.py --logs DIR --budget BUDGET` (`--curve heldout`: on the held-out
+# loss). gpu.csv samples the GPU's use every 0.5 s (how busy it is while a trial starts up, compiles and captures,
+# against the rows' start times).
 #
 # Longer than one call (4 trials at 300 s): start it detached from a copy of the tree, then follow it in calls made
 # within the machine's 30 s of warmth, carrying nothing after the first (a carried bundle would be replaced under
