@@ -242,7 +242,8 @@ def load_split(split_file: Path, device: torch.device) -> torch.Tensor:
 def load_train_sample(train_file: Path, device: torch.device) -> torch.Tensor | None:
     """TRAIN_SAMPLE_WINDOWS windows of WINDOW bytes of the train split, from places the candidate cannot know, one
     after another (each window's last target is the next one's first byte: one byte in WINDOW scored out of its
-    context, which can only raise the figure); None without a split that holds a window."""
+    context, which on average raises the figure a little and loosens the anchor by as much); None without a split
+    that holds a window."""
     size = train_file.stat().st_size if train_file.is_file() else 0
     if size <= WINDOW:
         return None
