@@ -132,6 +132,20 @@ def test_on_the_recorded_gpu_curves_the_rule_meets_issue_22s_bar(folder, budget)
     assert found["bad"] >= 2 and found["saved_share"] >= sim.SAVED_BAR, "\n".join(found["lines"])
 
 
+def test_the_simulator_leaves_out_the_references_a_launch_would_refuse():
+    """bench/early_stop_sim.py applies the anchor as a launch does, where a run carries train_bpc."""
+    def run(name: str, curve: list[float], source: str, train_bpc: float | None) -> sim.Run:
+        return sim.Run(name, curve, curve[-1] / math.log(2), source, None if source == "base" else "base", BUDGET,
+                       train_bpc)
+
+    honest = [run(f"c{i}", falling(3.0, 1.0 + i / 100), "base", (1.0 + i / 100) / math.log(2)) for i in range(3)]
+    hopeless = run("hopeless", [5.5] * CURVE_WINDOWS, "hopeless", None)
+    assert sim.simulate([*honest, hopeless], min_sigma=0.001)["stopped"] == 1
+    forged = [honest[0], honest[1], run("c2", falling(3.0, 1.02), "base", 2.0 / math.log(2))]  # ends far below it
+    found = sim.simulate([*forged, hopeless], min_sigma=0.001)
+    assert found["stopped"] == 0 and any("1 of its curves refused" in line for line in found["lines"])
+
+
 def test_shadow_records_when_it_would_stop_and_stops_nothing():
     curve = Curve(BUDGET)
     for seconds in range(5, 300, 5):
