@@ -326,7 +326,6 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     files = {split: args.data_dir / f"{split}.bin" for split in args.split}
     data = {split: load_split(file, device) for split, file in files.items() if file.exists()}
-    train_sample = load_train_sample(args.data_dir / "train.bin", device)
     if args.wait:
         warm_up(device)
         if sys.stdin.readline().strip() != GO:
@@ -357,7 +356,11 @@ def main(argv: list[str] | None = None) -> int:
             if split == "val":
                 result.update(val_bpc=round(scored.bpc, 6), eval_seconds=round(time.time() - started, 3),
                               score_seconds=seconds, bytes_scored=scored.bytes_scored)
-                if train_sample is not None:  # not a score: the anchor of the training's curve, after the timings
+                # not a score: the anchor of the training's curve, after the timings. Drawn only now, after "go",
+                # when the training is gone: its sandbox reads the same train.bin, and the pages this read brings
+                # into the page cache (mincore, RWF_NOWAIT) would show a candidate running beside it the places
+                train_sample = load_train_sample(args.data_dir / "train.bin", device)
+                if train_sample is not None:
                     trained = score(program, train_sample, device, check_batches=0).bpc
                     result["train_bpc"] = round(trained, 6) if math.isfinite(trained) else None
             else:  # an addition to the validation result: its timings stay those of the validation scoring
