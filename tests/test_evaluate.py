@@ -241,6 +241,31 @@ def test_a_peeking_program_is_refused(tmp_path, data_dir, capsys):
     assert not (tmp_path / "result.json").exists()
 
 
+class PeeksOnTrainText(Table):
+    """Causal on text it does not know; sees the byte it predicts once its row holds a byte only the train split
+    has (a real cheat would recognise memorised n-grams of the train split): a train_bpc near 0, which lets any
+    loss curve pass the early-stop anchor, and a validation score no check can fault."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        known = ((x == 0).float().cumsum(1) > 0).float()[:, :, None]
+        return self.emb(x) + 50.0 * torch.nn.functional.one_hot(torch.roll(x, shifts=-1, dims=1), 256).float() * known
+
+
+def test_a_program_that_peeks_only_on_train_text_is_refused(tmp_path, capsys):
+    """The train sample is one more forward of the candidate's model: unchecked, the one batch a model could tell
+    from the validation split's by its text."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    rng.integers(0, 256, 64 * W, dtype=np.uint8).tofile(data / "train.bin")
+    rng.integers(1, 256, 2 * W, dtype=np.uint8).tofile(data / "val.bin")  # no byte 0: the model stays causal
+    out = hand_over(tmp_path / "out", PeeksOnTrainText())
+    code, lines = run_main(capsys, out, tmp_path / "result.json", data)
+    assert code == protocol.EXIT_REFUSED, lines
+    assert lines[-1].startswith(protocol.REFUSED_TAG + "not causal") and "train split" in lines[-1]
+    assert not (tmp_path / "result.json").exists()
+
+
 def test_wrong_output_shape_fails(tmp_path, data_dir, capsys):
     out = hand_over(tmp_path / "out", Table(dim=128))
     code, lines = run_main(capsys, out, tmp_path / "result.json", data_dir)
