@@ -11,6 +11,7 @@ import pytest
 from bench import early_stop_sim as sim
 from scheduler.earlystop import (CONFIRM_WINDOWS, CURVE_WINDOWS, MARGIN_EARLY, MARGIN_LATE, MIN_CURVES, MIN_FRACTION,
                                  Curve, EarlyStop, Reference, references, stop_window, usable_control, window_end)
+from scheduler.protocol import PROGRESS_TAG
 
 BUDGET = 300.0
 BASELINE_SHA = "0123456789ab" * 5 + "0123"
@@ -130,6 +131,25 @@ def test_on_the_recorded_gpu_curves_the_rule_meets_issue_22s_bar(folder, budget)
     found = sim.simulate(runs, min_sigma=0.001)
     assert found["wrong"] == 0, "\n".join(found["lines"])
     assert found["bad"] >= 2 and found["saved_share"] >= sim.SAVED_BAR, "\n".join(found["lines"])
+
+
+def test_the_simulator_takes_a_runs_figures_from_its_row_when_it_has_one(tmp_path):
+    """A trial's log holds the candidate's own output before the evaluation's: a training can print `val_bpc:` and
+    `train_bpc:` lines. With rows, a run's figures are its row's (a run the evaluation never scored, or whose
+    train sample gave no finite figure, has none), as in a launch; a log without a row is read, never crashed on."""
+    forged = "\n".join(f'{PROGRESS_TAG}{{"training_seconds": {t}, "loss": {1.5 - t / 600}}}' for t in range(5, 300, 5))
+    forged += "\nval_bpc:          0.500000\ntrain_bpc: 0.000100 (the model on text it trained on)\n"
+    for name in ("unscored", "unanchored"):
+        (tmp_path / f"{name}.log").write_text(forged)
+    (tmp_path / "no-row.log").write_text(forged)
+    (tmp_path / "garbled.log").write_text(forged.replace("0.500000", "1.2.3"))  # no figure: skipped
+    row = {"source_sha256": BASELINE_SHA, "kind": "control", "baseline": None, "train_bpc": None}
+    rows = [{**row, "trial_id": "unscored", "status": "eval_failed", "val_bpc": None},
+            {**row, "trial_id": "unanchored", "status": "ok", "val_bpc": 1.0, "training_seconds": BUDGET}]
+    runs = {run.name: run for run in sim.runs_from_logs(tmp_path, rows, BUDGET, sim.CONTROL_ID, "loss")}
+    assert set(runs) == {"unanchored", "no-row"}
+    assert runs["unanchored"].val_bpc == 1.0 and runs["unanchored"].train_bpc is None
+    assert runs["no-row"].val_bpc == 0.5 and runs["no-row"].train_bpc == 0.0001  # bench/curves: the logs' lines
 
 
 def test_shadow_records_when_it_would_stop_and_stops_nothing():
