@@ -4,14 +4,18 @@ training, but for one trial run by run_trial in each mode (slow)."""
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
 
-from bench import early_stop_sim as sim
-from scheduler.earlystop import (CONFIRM_WINDOWS, CURVE_WINDOWS, MARGIN_EARLY, MARGIN_LATE, MIN_CURVES, MIN_FRACTION,
-                                 Curve, EarlyStop, Reference, references, stop_window, usable_control, window_end)
-from scheduler.protocol import PROGRESS_TAG
+# bench/ holds scripts, not a package: `from bench import` failed under plain `pytest` (the root is not on its path)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import early_stop_sim as sim  # noqa: E402  (it puts the repo root on the path too)
+from scheduler.earlystop import (CONFIRM_WINDOWS, CURVE_WINDOWS, MARGIN_EARLY, MARGIN_LATE, MIN_CURVES,  # noqa: E402
+                                 MIN_FRACTION, Curve, EarlyStop, Reference, references, stop_window, usable_control,
+                                 window_end)
+from scheduler.protocol import PROGRESS_TAG  # noqa: E402
 
 BUDGET = 300.0
 BASELINE_SHA = "0123456789ab" * 5 + "0123"
