@@ -10,7 +10,8 @@ save, and would it stop a candidate that ended within the baseline's noise or be
 Curves come from result rows (their `curve` column; `heldout_curve` with --curve heldout), or are rebuilt from
 the progress lines of trial logs (`@@progress {"training_seconds": ..., "loss": ...}`, or `"heldout"`) with the
 trial's own Curve. A log's name is its trial id (the folder of a log.txt, or a *.log file's stem); its final
-score is the row's `val_bpc` for that trial id, else the `val_bpc:` line the evaluation printed into the log. As
+score is the row's `val_bpc` for that trial id (with a row, none of the log's lines: the training can print
+them), else the `val_bpc:` line the evaluation printed into the log (`train_bpc:` likewise). As
 in a launch, a candidate's first run is judged against the scored runs of the baseline it ran against (rows:
 runs whose source is that baseline's, its control runs and the runs that made it the baseline; logs without
 rows: names matching --control, by default `-c<N>` as launch names control runs), at the same budget; each of
@@ -46,8 +47,9 @@ WRONG_BAR = 0          # ... and no wrong stop
 PRIOR_SIGMA = 0.004    # bpc: the promotion rule's prior (--prior-sigma), the least σ taken with few control runs
 CONTROL_ID = r"-c\d+(-a2)?$"  # launch's trial ids of control runs
 CURVES = {"loss": "curve", "heldout": "heldout_curve"}  # --curve: the progress lines' field -> the rows' column
-VAL_LINE = re.compile(r"^val_bpc:\s+([0-9.]+)", re.M)
-TRAIN_LINE = re.compile(r"^train_bpc:\s+([0-9.]+)", re.M)
+# The evaluation's lines in a log without a row (bench/curves); a garbled figure is none (float() would raise)
+VAL_LINE = re.compile(r"^val_bpc:\s+([0-9]+\.[0-9]+)(?=\s|$)", re.M)
+TRAIN_LINE = re.compile(r"^train_bpc:\s+([0-9]+\.[0-9]+)(?=\s|$)", re.M)
 # The CPU curves (--cpu-run): tiny variants of the project's train.py, each one idea, better and worse
 TINY = dict(MODEL_DIM=32, MODEL_DEPTH=1, MODEL_HEADS=2, BATCH_SIZE=4)
 CPU_VARIANTS = {
@@ -120,8 +122,11 @@ def runs_from_logs(folder: Path, rows: list[dict], budget: float | None, control
         name = path.parent.name if path.name == "log.txt" else path.stem
         row = by_id.get(name, {})
         text = path.read_text(errors="replace")
-        found = VAL_LINE.findall(text)
-        score = row.get("val_bpc") if row.get("val_bpc") is not None else (float(found[-1]) if found else None)
+        # with a row, its figures alone: the log holds the training's own output too, which can print the
+        # evaluation's lines (in a run never scored, or whose train sample gave no finite figure, they are its)
+        found, trained_found = VAL_LINE.findall(text), TRAIN_LINE.findall(text)
+        score = row.get("val_bpc") if row else (float(found[-1]) if found else None)
+        trained_on = row.get("train_bpc") if row else (float(trained_found[-1]) if trained_found else None)
         trained = budget or (launch_budget(rows) if rows else None) or _last_seconds(text)
         if score is None or not trained:
             continue
@@ -132,7 +137,6 @@ def runs_from_logs(folder: Path, rows: list[dict], budget: float | None, control
             source, judged = baseline_id(row["source_sha256"]), row["baseline"] if row["kind"] == "candidate" else None
         else:
             source, judged = ("baseline", None) if re.search(control, name) else (name, "baseline")
-        trained_on = row.get("train_bpc") or (float(TRAIN_LINE.findall(text)[-1]) if TRAIN_LINE.search(text) else None)
         runs.append(Run(name, curve, score, source, judged, trained, trained_on))
     return runs
 

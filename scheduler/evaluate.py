@@ -18,8 +18,8 @@ It writes RESULT_JSON (atomically, after each split) with the figures it made
 itself: val_bpc, test_bpc, bytes scored, seconds, the program's parameters and
 forward FLOPs, the rows checked for causality; and train_bpc, the model's score
 on TRAIN_SAMPLE_WINDOWS windows of the train split from secret places (text it
-trained on), which anchors the training's own loss curve
-(earlystop.usable_control). OUT_DIR/train_stats.json, what
+trained on; drawn after "go", and checked for causality like the splits), which
+anchors the training's own loss curve (earlystop.usable_control). OUT_DIR/train_stats.json, what
 the training says of itself, is read for the printed summary only.
 
 With --wait it first imports its libraries, starts CUDA and puts the splits on
@@ -302,6 +302,15 @@ def format_summary(result: dict, split: str = "val") -> str:
     return "\n".join(lines)
 
 
+def causal(scored: Scored, what: str) -> Scored:
+    """`scored`, unless its causality check saw a logit move (RefusedError, which says where)."""
+    if scored.largest_difference > CAUSAL_TOLERANCE:
+        raise RefusedError(f"not causal: with each row's bytes after a secret cut changed (and the rows shuffled), "
+                           f"a logit moved by {scored.largest_difference:.3g} at {scored.where} of {what}; the "
+                           f"model must not see the bytes it predicts, nor other rows")
+    return scored
+
+
 def write_result(path: Path, result: dict) -> None:
     """RESULT_JSON, replaced atomically: a reader sees the old or the new figures, never half of them."""
     atomic_write(path, json.dumps(result, indent=2))
@@ -327,7 +336,6 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     files = {split: args.data_dir / f"{split}.bin" for split in args.split}
     data = {split: load_split(file, device) for split, file in files.items() if file.exists()}
-    train_sample = load_train_sample(args.data_dir / "train.bin", device)
     if args.wait:
         warm_up(device)
         if sys.stdin.readline().strip() != GO:
@@ -347,19 +355,19 @@ def main(argv: list[str] | None = None) -> int:
                 if device.type == "cuda":
                     result["device_name"] = torch.cuda.get_device_name(device)
             scoring = time.time()
-            scored = score(program, data[split], device)
-            if scored.largest_difference > CAUSAL_TOLERANCE:
-                raise RefusedError(f"not causal: with each row's bytes after a secret cut changed (and the rows "
-                                   f"shuffled), a logit moved by {scored.largest_difference:.3g} at "
-                                   f"{scored.where}; the model must not see the bytes it predicts, nor other rows")
+            scored = causal(score(program, data[split], device), f"the {split} split")
             if not math.isfinite(scored.bpc):
                 raise EvalError(f"the score is {scored.bpc}: the weights produce non-finite logits")
             seconds = round(time.time() - scoring, 3)
             if split == "val":
                 result.update(val_bpc=round(scored.bpc, 6), eval_seconds=round(time.time() - started, 3),
                               score_seconds=seconds, bytes_scored=scored.bytes_scored)
-                if train_sample is not None:  # not a score: the anchor of the training's curve, after the timings
-                    trained = score(program, train_sample, device, check_batches=0).bpc
+                # not a score: the anchor of the training's curve, after the timings. Drawn only now, after "go",
+                # when the training is gone: its sandbox reads the same train.bin, and the pages this read brings
+                # into the page cache (mincore, RWF_NOWAIT) would show a candidate running beside it the places
+                train_sample = load_train_sample(args.data_dir / "train.bin", device)
+                if train_sample is not None:  # checked too: a model that knows its train text could peek there alone
+                    trained = causal(score(program, train_sample, device), "the train split's sample").bpc
                     result["train_bpc"] = round(trained, 6) if math.isfinite(trained) else None
             else:  # an addition to the validation result: its timings stay those of the validation scoring
                 result.update(test_bpc=round(scored.bpc, 6), test_eval_seconds=seconds,

@@ -4,13 +4,18 @@ training, but for one trial run by run_trial in each mode (slow)."""
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
 
-from bench import early_stop_sim as sim
-from scheduler.earlystop import (CONFIRM_WINDOWS, CURVE_WINDOWS, MARGIN_EARLY, MARGIN_LATE, MIN_CURVES, MIN_FRACTION,
-                                 Curve, EarlyStop, Reference, references, stop_window, usable_control, window_end)
+# bench/ holds scripts, not a package: `from bench import` failed under plain `pytest` (the root is not on its path)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import early_stop_sim as sim  # noqa: E402  (it puts the repo root on the path too)
+from scheduler.earlystop import (CONFIRM_WINDOWS, CURVE_WINDOWS, MARGIN_EARLY, MARGIN_LATE, MIN_CURVES,  # noqa: E402
+                                 MIN_FRACTION, Curve, EarlyStop, Reference, references, stop_window, usable_control,
+                                 window_end)
+from scheduler.protocol import PROGRESS_TAG  # noqa: E402
 
 BUDGET = 300.0
 BASELINE_SHA = "0123456789ab" * 5 + "0123"
@@ -144,6 +149,25 @@ def test_the_simulator_leaves_out_the_references_a_launch_would_refuse():
     forged = [honest[0], honest[1], run("c2", falling(3.0, 1.02), "base", 2.0 / math.log(2))]  # ends far below it
     found = sim.simulate([*forged, hopeless], min_sigma=0.001)
     assert found["stopped"] == 0 and any("1 of its curves refused" in line for line in found["lines"])
+
+
+def test_the_simulator_takes_a_runs_figures_from_its_row_when_it_has_one(tmp_path):
+    """A trial's log holds the candidate's own output before the evaluation's: a training can print `val_bpc:` and
+    `train_bpc:` lines. With rows, a run's figures are its row's (a run the evaluation never scored, or whose
+    train sample gave no finite figure, has none), as in a launch; a log without a row is read, never crashed on."""
+    forged = "\n".join(f'{PROGRESS_TAG}{{"training_seconds": {t}, "loss": {1.5 - t / 600}}}' for t in range(5, 300, 5))
+    forged += "\nval_bpc:          0.500000\ntrain_bpc: 0.000100 (the model on text it trained on)\n"
+    for name in ("unscored", "unanchored"):
+        (tmp_path / f"{name}.log").write_text(forged)
+    (tmp_path / "no-row.log").write_text(forged)
+    (tmp_path / "garbled.log").write_text(forged.replace("0.500000", "1.2.3"))  # no figure: skipped
+    row = {"source_sha256": BASELINE_SHA, "kind": "control", "baseline": None, "train_bpc": None}
+    rows = [{**row, "trial_id": "unscored", "status": "eval_failed", "val_bpc": None},
+            {**row, "trial_id": "unanchored", "status": "ok", "val_bpc": 1.0, "training_seconds": BUDGET}]
+    runs = {run.name: run for run in sim.runs_from_logs(tmp_path, rows, BUDGET, sim.CONTROL_ID, "loss")}
+    assert set(runs) == {"unanchored", "no-row"}
+    assert runs["unanchored"].val_bpc == 1.0 and runs["unanchored"].train_bpc is None
+    assert runs["no-row"].val_bpc == 0.5 and runs["no-row"].train_bpc == 0.0001  # bench/curves: the logs' lines
 
 
 def test_shadow_records_when_it_would_stop_and_stops_nothing():

@@ -206,11 +206,63 @@ def test_the_train_sample_is_windows_of_the_train_split_from_places_the_candidat
     assert evaluate.load_train_sample(data_dir / "missing.bin", CPU) is None
 
 
+def test_the_train_sample_is_drawn_only_after_go(tmp_path, data_dir, capsys, monkeypatch):
+    """The sandbox binds the very train.bin the evaluation samples, and the evaluation starts beside the training:
+    a candidate that evicts the file from the page cache (posix_fadvise DONTNEED, read-only) and then asks which
+    pages came back (mincore; preadv2 RWF_NOWAIT) learns where the sample lies (to within the readahead) if the
+    evaluation reads it while the candidate runs. After "go" the training, and its sandbox, are gone."""
+    events: list[str] = []
+    draw = evaluate.load_train_sample
+    monkeypatch.setattr(evaluate, "load_train_sample", lambda *a: events.append("drawn") or draw(*a))
+
+    class Stdin:
+        def __init__(self, line: str) -> None:
+            self.line = line
+
+        def readline(self) -> str:
+            events.append("go" if self.line else "end of input")
+            return self.line
+
+    out = hand_over(tmp_path / "out", Table())
+    monkeypatch.setattr(sys, "stdin", Stdin(""))  # training failed: nothing is drawn at all
+    assert run_main(capsys, out, tmp_path / "none.json", data_dir, "--wait")[0] == 0 and events == ["end of input"]
+    events.clear()
+    monkeypatch.setattr(sys, "stdin", Stdin(protocol.GO + "\n"))
+    code, lines = run_main(capsys, out, tmp_path / "result.json", data_dir, "--wait")
+    assert code == 0 and events == ["go", "drawn"], lines
+    assert math.isfinite(json.loads((tmp_path / "result.json").read_text())["train_bpc"])
+
+
 def test_a_peeking_program_is_refused(tmp_path, data_dir, capsys):
     out = hand_over(tmp_path / "out", PeeksAhead(1))
     code, lines = run_main(capsys, out, tmp_path / "result.json", data_dir)
     assert code == protocol.EXIT_REFUSED
     assert lines[-1].startswith(protocol.REFUSED_TAG + "not causal") and "must not see the bytes" in lines[-1]
+    assert not (tmp_path / "result.json").exists()
+
+
+class PeeksOnTrainText(Table):
+    """Causal on text it does not know; sees the byte it predicts once its row holds a byte only the train split
+    has (a real cheat would recognise memorised n-grams of the train split): a train_bpc near 0, which lets any
+    loss curve pass the early-stop anchor, and a validation score no check can fault."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        known = ((x == 0).float().cumsum(1) > 0).float()[:, :, None]
+        return self.emb(x) + 50.0 * torch.nn.functional.one_hot(torch.roll(x, shifts=-1, dims=1), 256).float() * known
+
+
+def test_a_program_that_peeks_only_on_train_text_is_refused(tmp_path, capsys):
+    """The train sample is one more forward of the candidate's model: unchecked, the one batch a model could tell
+    from the validation split's by its text."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    rng.integers(0, 256, 64 * W, dtype=np.uint8).tofile(data / "train.bin")
+    rng.integers(1, 256, 2 * W, dtype=np.uint8).tofile(data / "val.bin")  # no byte 0: the model stays causal
+    out = hand_over(tmp_path / "out", PeeksOnTrainText())
+    code, lines = run_main(capsys, out, tmp_path / "result.json", data)
+    assert code == protocol.EXIT_REFUSED, lines
+    assert lines[-1].startswith(protocol.REFUSED_TAG + "not causal") and "train split" in lines[-1]
     assert not (tmp_path / "result.json").exists()
 
 
