@@ -554,8 +554,10 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
         raise
     # the early-stop rule looks once a window at least (a CPU test's seconds budget has windows of 0.1 s)
     code, stopped = await_process(training, log, report_progress, env[MARK], spare=evaluation.pid,
-                                  overdue=lambda: (clock.overdue(log.first_progress)
-                                                   or work_before.overdue(log.first_progress) or early.overdue(curve)),
+                                  # the start-up work first: a run past both limits at one look is refused for its
+                                  # work, not timed out, and the row's figure is read at that look
+                                  overdue=lambda: (work_before.overdue(log.first_progress)
+                                                   or clock.overdue(log.first_progress) or early.overdue(curve)),
                                   look_every=min(REPORT_EVERY, config["budget"] / CURVE_WINDOWS))
     if not stopped and not work_before.settled:  # it ended before the first look after its first progress line
         refusal = work_before.overdue(log.first_progress)  # (or without one: then only the row's figure counts)
