@@ -27,7 +27,7 @@ progress line is what the candidate's process printed: a forged curve can keep i
 or get it stopped, nothing more. References are built only from runs of the current baseline's own source (its
 control runs, and the runs that made it the baseline; matched by the full sha256 the queue entry carries, not by
 anything the candidate says), and a curve whose end claims a loss well below the trusted evaluation's score of
-its model on a stretch of the train split (`train_bpc`, ANCHOR_TOLERANCE) is left out.
+its model on windows of the train split (`train_bpc`, ANCHOR_TOLERANCE) is left out.
 
 `launch --early-stop off|shadow|on` (default shadow): `shadow` judges every first run and records in its row when
 the rule would have stopped it (`early_stop_at`, counted seconds), and stops nothing; `on` stops it (status
@@ -183,8 +183,8 @@ def usable_control(row: dict, baseline_sha: str, budget: float) -> bool:
 
 
 def anchored(curve: list[float | None], train_bpc: float | None) -> bool:
-    """Whether a curve's last window (nats) claims no lower a loss than the evaluation found, `train_bpc`, on a
-    stretch of the train split, by more than ANCHOR_TOLERANCE (False without that figure)."""
+    """Whether a curve's last window (nats) claims no lower a loss than the evaluation found, `train_bpc`, on
+    windows of the train split, by more than ANCHOR_TOLERANCE (False without that figure)."""
     last = next((v for v in reversed(curve) if v is not None), None)
     return (last is not None and train_bpc is not None and math.isfinite(train_bpc)
             and last / math.log(2) >= train_bpc * (1 - ANCHOR_TOLERANCE))

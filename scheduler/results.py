@@ -61,7 +61,7 @@ _TRIAL_COLUMNS = [
     ("error_tail", "string"),         # last lines of its output when it failed
     ("val_bpc", "float64"),
     ("test_bpc", "float64"),          # only a baseline's first control run scores the test split
-    ("train_bpc", "float64"),         # the evaluation's score on a stretch of the train split: the curve's anchor
+    ("train_bpc", "float64"),         # the evaluation's score on windows of the train split: the curve's anchor
     ("training_seconds", "float64"),
     ("total_seconds", "float64"),     # trial start to result, evaluation included
     ("eval_seconds", "float64"),
