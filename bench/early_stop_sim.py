@@ -64,6 +64,10 @@ CPU_VARIANTS = {
     "dropout 0.5": dict(DROPOUT=0.5),
     "dim 64": dict(MODEL_DIM=64),
     "batch 16": dict(BATCH_SIZE=16),
+    # added after the catch-up credit (earlystop.CATCH_UP) was set on the runs before: slow starters, its test
+    "dim 48": dict(MODEL_DIM=48),
+    "depth 2": dict(MODEL_DEPTH=2),
+    "learning rates x2": dict(LEARNING_RATE=4e-3, MUON_LEARNING_RATE=4e-3),
 }
 
 

@@ -18,7 +18,10 @@ windows in a row:
     margin(f) = MARGIN_LATE + (MARGIN_EARLY - MARGIN_LATE) * (1 - f) / (1 - MIN_FRACTION)
 
 f being the window's end as a fraction of the budget: the margin is widest early, where learning-rate schedules
-and warm-down make curves cross, and narrowest at the end. With no reference (fewer than MIN_CURVES control runs
+and warm-down make curves cross, and narrowest at the end. A window above the line does not count while the
+candidate is catching up: if CATCH_UP of the pace at which its relative gap to the reference's mean closed since
+the window before, kept to the end of the budget, would bring the gap within MARGIN_LATE (a wider model starts
+slower and ends level). With no reference (fewer than MIN_CURVES control runs
 of this baseline on this GPU type have a curve) nothing is stopped. docs/design.md, "Early stopping", says why these numbers.
 
 Which trials the rule judges, and where curves come from (the trust model): only first runs of candidates are
@@ -51,6 +54,8 @@ MARGIN_EARLY = 0.03      # relative excess over the reference's mean tolerated a
 MARGIN_LATE = 0.02       # ... narrowing linearly to this at the end of the budget (docs/design.md: the 300 s curves)
 SPREAD_SIGMAS = 3.0      # and on top, this many times the control runs' spread in that window
 CONFIRM_WINDOWS = 2      # windows in a row above the line before a stop: one noisy window stops nothing
+CATCH_UP = 0.25          # a candidate closing its gap is credited with this share of its latest pace to the end:
+                         # the CPU curves' one wrong stop (a wider model, 20% above at 30%, level at the end) needs it
 MIN_CURVES = 3           # baseline curves a reference needs: with one, its spread is unknown, and one fast control
                          # run stopped the best CPU candidate (it crossed back below by the end)
 ANCHOR_TOLERANCE = 0.10  # a control curve whose last window, in bits, is below the evaluation's score of its model
@@ -149,10 +154,26 @@ def stop_window(curve: list[float | None], reference: Reference | None) -> int |
         line = reference.line(index)
         if line is None or value is None:
             continue
-        above = above + 1 if value > line else 0
+        above = above + 1 if value > line and not catching_up(curve, reference, index) else 0
         if above >= CONFIRM_WINDOWS:
             return index
     return None
+
+
+def catching_up(curve: list[float | None], reference: Reference, index: int) -> bool:
+    """Whether CATCH_UP of the pace at which the curve's relative gap to the reference's mean closed from window
+    `index - 1` to `index`, kept to the end of the budget, brings the gap within MARGIN_LATE. A curve that closes
+    fast is not stopped; one that holds its gap or widens it is judged by its line alone."""
+    if index == 0 or curve[index - 1] is None:
+        return False
+    gaps = []
+    for i in (index - 1, index):
+        mean, value = reference.mean[i], curve[i]
+        if mean is None or mean <= 0 or value is None:
+            return False
+        gaps.append(value / mean - 1)
+    windows_left = CURVE_WINDOWS - 1 - index
+    return gaps[1] + CATCH_UP * (gaps[1] - gaps[0]) * windows_left <= MARGIN_LATE
 
 
 def seconds(value: float) -> str:
