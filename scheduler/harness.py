@@ -34,6 +34,9 @@ Environment (set by the scheduler's trial; defaults make `python train.py` work)
     SCHEDULER_DEVICE       cuda or cpu (default: cuda when available)
     SCHEDULER_OUT          folder for the hand-over and statistics (default out/)
     SCHEDULER_TRIAL        set by the scheduler: it runs the evaluation itself
+    SCHEDULER_EXPORTED     set by the scheduler to 1 when this very source has been handed over and scored
+                           before: `watch` skips its early export check (3-5 s on an H200), which only saves a
+                           failing model its budget
 """
 
 from __future__ import annotations
@@ -93,6 +96,11 @@ def skip_final_collection() -> None:
     """Let this process exit without Python's last garbage collection, which walks every object torch and
     x-transformers created: 1.7 s of a 2-core CPU per process (0.3 s with this), paid twice by every trial."""
     atexit.register(gc.freeze)
+
+
+def exported_before() -> bool:
+    """Whether the scheduler said this source was handed over and scored before (SCHEDULER_EXPORTED)."""
+    return os.environ.get("SCHEDULER_EXPORTED") == "1"
 
 
 def _env_float(name: str, default: float) -> float:
@@ -289,10 +297,11 @@ class Run(Clock):
     # ------------------------------------------------------------------ model facts
 
     def watch(self, model: torch.nn.Module, seq_len: int) -> None:
-        """Check that the model can be handed over (exits with EXIT_EXPORT if not), count parameters and
-        measure FLOPs per token of one training step (forward + backward)."""
+        """Check that the model can be handed over (exits with EXIT_EXPORT if not; skipped for a source handed over
+        before), count parameters and measure FLOPs per token of one training step (forward + backward)."""
         started = time.perf_counter()
-        export_or_exit(handover.check_exportable, model, self.device)
+        if not exported_before():
+            export_or_exit(handover.check_exportable, model, self.device)
         self.check_seconds = time.perf_counter() - started
         self.num_params = sum(p.numel() for p in model.parameters())
         self.flops_per_token = training_flops_per_token(model, seq_len, self.device)
@@ -360,9 +369,10 @@ class Run(Clock):
             **facts,
         }
         (self.out_dir / STATS_FILE).write_text(json.dumps(stats, indent=2))
+        check = "skipped: handed over before" if exported_before() else f"{self.check_seconds:.1f} s"
         print(f"harness: handed over {self.out_dir / PROGRAM_FILE} after {self.steps} steps, "
               f"{self.training_seconds:.1f} s of training; start-up: interpreter {self.interpreter_seconds:.1f} s, "
-              f"set-up {self.setup_seconds:.1f} s (export check {self.check_seconds:.1f} s), first steps "
+              f"set-up {self.setup_seconds:.1f} s (export check {check}), first steps "
               f"{self.warmup_seconds:.1f} s; export {self.export_seconds:.1f} s; held-out loss "
               f"{self.heldout_seconds:.1f} s (uncounted)", flush=True)
 

@@ -381,6 +381,7 @@ def candidate_env(config: dict, out_dir: Path) -> dict:
         "SCHEDULER_DEVICE": config["device"],
         "SCHEDULER_OUT": str(out_dir),
         "SCHEDULER_TRIAL": "1",
+        "SCHEDULER_EXPORTED": "1" if config.get("exported_before") else "0",
         MARK: str(Path(config["runs_dir"]) / config["trial_id"]),  # unique across launches on one host
     })
     return env

@@ -296,6 +296,26 @@ def test_the_searcher_gives_a_candidates_first_run_the_curves_of_the_baselines_r
     assert refuted is None if mode == "on" else len(refuted["NVIDIA H200"]) == MIN_CURVES + 1
 
 
+def test_the_searcher_marks_a_source_already_scored_so_its_run_skips_the_early_export_check(tmp_path):
+    """A control run of a scored baseline, or a rerun of a candidate that scored, gets `exported_before`: its
+    export check at start-up (3-5 s on an H200) would repeat one that passed. A source whose runs all failed, or
+    a new one, does not."""
+    from scheduler import queue, results
+    from scheduler.layout import Layout
+    from scheduler.search import QueueSearcher
+
+    layout = Layout.at(tmp_path)
+    layout.make()
+    results.write_row(layout.results, {**control_row(falling()), "trial_id": "b-c1", "candidate_id": "b"})
+    results.write_row(layout.results, {**control_row(falling()), "trial_id": "x-r1", "candidate_id": "x",
+                                       "kind": "candidate", "source_sha256": "f" * 64, "status": "export_failed"})
+    searcher = QueueSearcher(str(tmp_path), str(layout.data), {"budget": BUDGET, "early_stop": "shadow"}, False)
+    marked = {sha[0]: searcher._config(layout, queue.Entry(trial_id="t", candidate_id="c", kind="control",
+                                                             source_sha256=sha), "b", BASELINE_SHA)["exported_before"]
+              for sha in (BASELINE_SHA, "f" * 64, "e" * 64)}
+    assert marked == {BASELINE_SHA[0]: True, "f": False, "e": False}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["shadow", "on"])
 def test_a_hopeless_trial_is_recorded_in_shadow_and_stopped_when_on(tmp_path, data_dir, tiny_train_source, monkeypatch,

@@ -142,6 +142,19 @@ def test_watch_fails_fast_for_a_model_that_cannot_be_handed_over(harness_env, da
     assert len(lines) == 1 and reason.lower() in lines[0].lower(), lines
 
 
+def test_a_source_handed_over_before_skips_the_early_check_not_the_export(harness_env, data_dir):
+    """The trial sets SCHEDULER_EXPORTED=1 for a control run or rerun of a source already scored: watch() skips
+    the check (it only saves a failing model its budget), and the hand-over at the end still exports and checks."""
+    harness_env.setenv("SCHEDULER_TRAIN_DATA", str(data_dir / "train.bin"))
+    harness_env.setenv("SCHEDULER_EXPORTED", "1")
+    run = harness.Run()
+    run.watch(DataDependent(), seq_len=64)  # not exportable, and not looked at
+    assert run.num_params == 256 * 256 and run.check_seconds < 0.05
+    with pytest.raises(SystemExit) as exit_info:
+        run.finish(DataDependent())
+    assert exit_info.value.code == protocol.EXIT_EXPORT
+
+
 def test_finish_hands_the_model_over_as_data(harness_env, tmp_path, data_dir):
     """finish(): the graph and the weights (no pickle anywhere), the statistics with the export's seconds."""
     harness_env.setenv("SCHEDULER_TRAIN_DATA", str(data_dir / "train.bin"))

@@ -4,9 +4,10 @@ The only substitutions are the two placeholders program.md declares: `my_variant
 (the agent's candidate file) and `agent-1` (the agent's name). A second test runs two
 scripted agents at once through program.md's loop against one launch.
 
-Each test starts `python -m scheduler launch --pretend-gpus 2 --device cpu --budget 2`
-in a temporary root with a tiny train.py, stops it with `stop --now` at the end and
-checks that no process it started (Ray included) is left behind.
+The tests share one `python -m scheduler launch --pretend-gpus 2 --device cpu --budget 2`
+in a temporary root with a tiny train.py (a launch's start and its baseline's first
+score cost 20 s on 2 cores); the last stops it with `stop --now` and checks that no
+process it started (Ray included) is left behind.
 """
 
 from __future__ import annotations
@@ -122,13 +123,14 @@ def make_corpus(n: int) -> bytes:
     return "".join(text).encode()[:n]
 
 
-@pytest.fixture
-def research_root(tmp_path) -> Path:
+@pytest.fixture(scope="module")
+def research_root(tmp_path_factory) -> Path:
     """A project folder: a tiny train.py, prepared data, no results yet.
 
     The train.py carries a unique comment, so that its baseline id (and so the trial ids
     of its control runs) cannot collide with another launch running on this machine.
     """
+    tmp_path = tmp_path_factory.mktemp("program_md")
     root = tmp_path / "root"
     root.mkdir()
     source = override((ROOT / "train.py").read_text(), MODEL_DIM=32, MODEL_DEPTH=1, MODEL_HEADS=2, BATCH_SIZE=4)
@@ -237,7 +239,7 @@ def assert_clean_exit(launch: Launch) -> None:
     assert not leftovers, f"processes left running after launch exited: {leftovers}"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def launch(research_root):
     running = Launch(research_root)
     try:
@@ -254,19 +256,17 @@ def launch(research_root):
 def test_program_md_runs_as_written(research_root, launch):
     """Every bash block of program.md, in order, with only the two placeholders replaced."""
     root = research_root
-    script = personalise("\n".join(bash_blocks(PROGRAM.read_text())), "alpha_variant.py", "alpha")
+    script = personalise("\n".join(bash_blocks(PROGRAM.read_text())), "solo_variant.py", "solo")
     done = run_bash(script, root, launch)
     assert done.returncode == 0, explain(done, root)
     assert "contract ok" in done.stdout
 
     rows = read_trials(root / "results")
-    mine = rows[(rows["agent"] == "alpha") & (rows["kind"] == "candidate")]
+    mine = rows[(rows["agent"] == "solo") & (rows["kind"] == "candidate")]
     assert len(mine) == 1, explain(done, root)
     assert mine.iloc[0]["status"] == "ok" and mine.iloc[0]["val_bpc"] > 0
     assert mine.iloc[0]["description"]
-    assert (root / "alpha_variant.py").exists() and not (root / FILE_PLACEHOLDER).exists()
-
-    assert_clean_exit(launch)
+    assert (root / "solo_variant.py").exists() and not (root / FILE_PLACEHOLDER).exists()
 
 
 # One idea per iteration, different for each agent (identical files would be rejected). These
@@ -364,4 +364,7 @@ def test_two_agents_at_once(research_root, launch):
     assert duplicate["row"]["status"] == "rejected"
     assert duplicate["row"]["duplicate_of"] == submitted["alpha"][0]
 
+
+def test_stop_now_ends_the_launch_and_leaves_nothing_behind(launch):
+    """Last, after the agents above: `stop --now` ends the shared launch cleanly."""
     assert_clean_exit(launch)

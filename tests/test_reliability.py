@@ -37,7 +37,7 @@ print(json.dumps({{"summary": ray.get(actor.summary.remote()),
 """
 # What the trial adds to the allowlisted part of the environment (scheduler/trial.py: candidate_env)
 TRIAL_ENV = {"PYTHONPATH", "PYTHONUNBUFFERED", "CUDA_DEVICE_ORDER", "OMP_NUM_THREADS", "SCHEDULER_TRAIN_DATA", "SCHEDULER_BUDGET",
-             "SCHEDULER_SEED", "SCHEDULER_DEVICE", "SCHEDULER_OUT", "SCHEDULER_TRIAL", MARK}
+             "SCHEDULER_SEED", "SCHEDULER_DEVICE", "SCHEDULER_OUT", "SCHEDULER_TRIAL", "SCHEDULER_EXPORTED", MARK}
 
 
 def parent_of(pid: int) -> int:
