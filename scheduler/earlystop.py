@@ -18,11 +18,11 @@ windows in a row:
     margin(f) = MARGIN_LATE + (MARGIN_EARLY - MARGIN_LATE) * (1 - f) / (1 - MIN_FRACTION)
 
 f being the window's end as a fraction of the budget: the margin is widest early, where learning-rate schedules
-and warm-down make curves cross, and narrowest at the end. A window above the line does not count while the
+and warm-down make curves cross, and narrowest at the end. A window above the line counts as below it while the
 candidate is catching up: if CATCH_UP of the pace at which its relative gap to the reference's mean closed since
-the window before, kept to the end of the budget, would bring the gap within MARGIN_LATE (a wider model starts
-slower and ends level). With no reference (fewer than MIN_CURVES control runs
-of this baseline on this GPU type have a curve) nothing is stopped. docs/design.md, "Early stopping", says why these numbers.
+the last earlier window, kept to the end of the budget, would bring the gap within MARGIN_LATE (a wider model
+starts slower and ends level). With no reference (fewer than MIN_CURVES control runs of this baseline on this GPU
+type have a curve) nothing is stopped. docs/design.md, "Early stopping", says why these numbers.
 
 Which trials the rule judges, and where curves come from (the trust model): only first runs of candidates are
 judged (never control runs, never confirmation reruns of a candidate that already scored well). The loss in a
@@ -145,8 +145,9 @@ class Reference:
 
 def stop_window(curve: list[float | None], reference: Reference | None) -> int | None:
     """The first window at whose end the rule stops this curve, or None. Windows either side lacks are skipped:
-    they neither count for nor against it. The last window is not judged: a stop at the budget's end would save
-    nothing and cost the run its score."""
+    they neither count for nor against it. A window above the line while the curve is `catching_up` counts as
+    below it (the windows in a row start again). The last window is not judged: a stop at the budget's end would
+    save nothing and cost the run its score."""
     if reference is None:
         return None
     above = 0
@@ -161,19 +162,23 @@ def stop_window(curve: list[float | None], reference: Reference | None) -> int |
 
 
 def catching_up(curve: list[float | None], reference: Reference, index: int) -> bool:
-    """Whether CATCH_UP of the pace at which the curve's relative gap to the reference's mean closed from window
-    `index - 1` to `index`, kept to the end of the budget, brings the gap within MARGIN_LATE. A curve that closes
-    fast is not stopped; one that holds its gap or widens it is judged by its line alone."""
-    if index == 0 or curve[index - 1] is None:
+    """Whether CATCH_UP of the pace (per window) at which the curve's relative gap to the reference's mean closed
+    since the last earlier window both have, kept to the end of the budget, brings the gap within MARGIN_LATE. A
+    curve that closes fast is not stopped; one that holds its gap or widens it is judged by its line alone."""
+    gap = relative_gap(curve, reference, index)
+    earlier = next(((i, g) for i in range(index - 1, -1, -1)
+                    if (g := relative_gap(curve, reference, i)) is not None), None)
+    if gap is None or earlier is None:
         return False
-    gaps = []
-    for i in (index - 1, index):
-        mean, value = reference.mean[i], curve[i]
-        if mean is None or mean <= 0 or value is None:
-            return False
-        gaps.append(value / mean - 1)
-    windows_left = CURVE_WINDOWS - 1 - index
-    return gaps[1] + CATCH_UP * (gaps[1] - gaps[0]) * windows_left <= MARGIN_LATE
+    pace = (gap - earlier[1]) / (index - earlier[0])
+    return gap + CATCH_UP * pace * (CURVE_WINDOWS - 1 - index) <= MARGIN_LATE
+
+
+def relative_gap(curve: list[float | None], reference: Reference, index: int) -> float | None:
+    """How far above the reference's mean the curve lies in window `index`, as a fraction; None where either
+    lacks the window."""
+    mean, value = reference.mean[index], curve[index]
+    return None if mean is None or mean <= 0 or value is None else value / mean - 1
 
 
 def seconds(value: float) -> str:

@@ -22,7 +22,8 @@ safetensors. Scoring happens in a fresh process (scheduler/evaluate.py) that
 rebuilds the model from those files without running any of the candidate's
 code. `watch` tries the export right after the model is built, so a model that
 cannot be handed over fails in seconds (EXPORT_FAILED, exit code EXIT_EXPORT),
-not after training. Run on its own (`python train.py`), `Run()` starts that
+not after training (unless SCHEDULER_EXPORTED says this source was handed over
+before). Run on its own (`python train.py`), `Run()` starts that
 evaluation beside training, waiting with its imports done, and `finish` tells
 it to score and hands the terminal over to it, so the summary block is printed
 as the original script printed it (the figures go to SCHEDULER_OUT/result.json).
@@ -35,8 +36,8 @@ Environment (set by the scheduler's trial; defaults make `python train.py` work)
     SCHEDULER_OUT          folder for the hand-over and statistics (default out/)
     SCHEDULER_TRIAL        set by the scheduler: it runs the evaluation itself
     SCHEDULER_EXPORTED     set by the scheduler to 1 when this very source has been handed over and scored
-                           before: `watch` skips its early export check (3-5 s on an H200), which only saves a
-                           failing model its budget
+                           before on this GPU type: `watch` skips its early export check (3-5 s on an H200),
+                           which only saves a failing model its budget
 """
 
 from __future__ import annotations

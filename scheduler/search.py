@@ -38,8 +38,9 @@ class QueueSearcher(Searcher):
         self.settings = settings          # budget, device, omp_threads, startup_allowance, eval_timeout, early_stop
         self.exit_when_idle = exit_when_idle
         self._last_scan = 0.0
-        # (baseline sha, budget, rows' version) -> (the baseline's reference curves, the sources scored ok)
-        self._facts: tuple[tuple, dict, set[str]] = ((), {}, set())
+        # (baseline sha, budget, rows' version) -> (the baseline's reference curves, source sha -> GPU types it
+        # scored ok on)
+        self._facts: tuple[tuple, dict, dict[str, set[str]]] = ((), {}, {})
 
     def _layout(self) -> Layout:
         return Layout.at(self.root, self.data_dir)
@@ -79,33 +80,38 @@ class QueueSearcher(Searcher):
         `refused` (the reason, which names the file) instead of `source`, and the trial must not run anything
         but report a row with status `refused` and that reason. For a candidate's first run, when early stopping
         is on (shadow or on) and `baseline_sha` is known, the curves it is judged against (`reference_curves`);
-        none in mode `on` once an audited run `refuted` them (scheduler/selection.py). `exported_before`: its
-        source has a row `ok` (the trial lets its harness skip the early export check)."""
-        curves, scored = self._from_rows(layout, baseline_sha)
+        none in mode `on` once an audited run `refuted` them (scheduler/selection.py). For a control run or
+        rerun, the GPU types its source has a row `ok` on (`exported_on`: the trial lets its harness skip the early
+        export check there)."""
         config = {**vars(entry), **self.settings, "baseline": baseline, "baseline_sha256": baseline_sha,
-                  "data_dir": str(layout.data), "runs_dir": str(layout.runs),
-                  # a control run or rerun of a source already handed over: its early export check would only repeat
-                  "exported_before": entry.source_sha256 in scored}
+                  "data_dir": str(layout.data), "runs_dir": str(layout.runs)}
         mode = self.settings.get("early_stop", "off")
-        if entry.kind == "candidate" and mode != "off" and baseline_sha and not (refuted and mode == "on"):
+        if entry.kind != "candidate":
+            # a control run or rerun of a source already handed over on this GPU type: its early export check would
+            # only repeat (a candidate's first run never is: intake turns away any source it has seen)
+            config["exported_on"] = sorted(self._from_rows(layout, baseline_sha)[1].get(entry.source_sha256, ()))
+        elif mode != "off" and baseline_sha and not (refuted and mode == "on"):
             # per GPU type: the trial learns its GPU's name only on its node. Only runs of the baseline's own source
             # (by its full sha256): no other candidate's curve is ever what a candidate is judged against
-            config["reference_curves"] = curves
+            config["reference_curves"] = self._from_rows(layout, baseline_sha)[0]
         try:
             config["source"] = read_archived(source_path(layout, entry.kind, entry.source_sha256)).decode("utf-8")
         except SourceRefused as refused:
             config["refused"] = str(refused)
         return config
 
-    def _from_rows(self, layout: Layout, baseline_sha: str | None) -> tuple[dict, set[str]]:
-        """The baseline's runs' curves per GPU type, and the sha256 of every source scored `ok`, read from the rows
-        again only when a row has been written since (reading every row for every trial would cost the Tune loop
-        0.6 s a trial at 10,000 rows)."""
+    def _from_rows(self, layout: Layout, baseline_sha: str | None) -> tuple[dict, dict[str, set[str]]]:
+        """The baseline's runs' curves per GPU type, and the GPU types each source scored `ok` on, read from the
+        rows again only when a row has been written since: once a trial in a busy launch (0.6 s at 10,000 rows)."""
         key = (baseline_sha, self.settings["budget"], results.rows_version(layout.results))
         if self._facts[0] != key:
             rows = results.read_rows(layout.results)
             curves = references(rows, baseline_sha, self.settings["budget"]) if baseline_sha else {}
-            self._facts = (key, curves, {r["source_sha256"] for r in rows if r.get("status") == "ok"})
+            scored: dict[str, set[str]] = {}
+            for row in rows:
+                if row.get("status") == "ok" and row.get("source_sha256"):
+                    scored.setdefault(row["source_sha256"], set()).add(row.get("gpu_name") or "unknown")
+            self._facts = (key, curves, scored)
         return self._facts[1], self._facts[2]
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:

@@ -367,8 +367,9 @@ def gpu_name(device: str) -> str:
         return "unknown GPU"
 
 
-def candidate_env(config: dict, out_dir: Path) -> dict:
-    """What the candidate may see: no more than it needs, and never the validation or test split."""
+def candidate_env(config: dict, out_dir: Path, gpu: str) -> dict:
+    """What the candidate may see: no more than it needs, and never the validation or test split. `gpu`: the
+    trial's GPU type (its source handed over on it before: no early export check)."""
     env = {key: os.environ[key] for key in PASSED_ENV if key in os.environ}
     env.update({
         "PYTHONPATH": os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH", "")])),
@@ -381,7 +382,7 @@ def candidate_env(config: dict, out_dir: Path) -> dict:
         "SCHEDULER_DEVICE": config["device"],
         "SCHEDULER_OUT": str(out_dir),
         "SCHEDULER_TRIAL": "1",
-        "SCHEDULER_EXPORTED": "1" if config.get("exported_before") else "0",
+        "SCHEDULER_EXPORTED": "1" if gpu in config.get("exported_on", ()) else "0",
         MARK: str(Path(config["runs_dir"]) / config["trial_id"]),  # unique across launches on one host
     })
     return env
@@ -517,13 +518,13 @@ def run_trial(config: dict, shipped: list | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     (work / "train.py").write_text(config["source"], encoding="utf-8")
     result_file = folder / RESULT_FILE
-    env = candidate_env(config, out_dir)
+    row = {key: config[key] for key in CONFIG_COLUMNS}
+    row.update(gpu_id=gpu_id, node=node, gpu_name=gpu_name(config["device"]), started_at=started)
+    env = candidate_env(config, out_dir, row["gpu_name"])
     curve, heldout = Curve(config["budget"]), Curve(config["budget"])
     log = OutputLog(folder / "log.txt", {"loss": curve, "heldout": heldout})
     if fetched:
         log.note(fetched)
-    row = {key: config[key] for key in CONFIG_COLUMNS}
-    row.update(gpu_id=gpu_id, node=node, gpu_name=gpu_name(config["device"]), started_at=started)
     # Only a candidate's first run is judged, against the curves of the baseline's runs on its GPU type (the searcher
     # put them in the config); control runs and confirmation reruns are never stopped
     early = EarlyStop(config.get("early_stop", "off") if config["kind"] == "candidate" else "off",

@@ -764,7 +764,7 @@ if __name__ == "__main__":
     main(wrap=(lambda bigram: Memorised(bigram, text)) if found else None)
 '''
 
-ATTACKS = {  # run in this order, three at a time
+ATTACKS = {  # run in this order, three at a time, after BROKEN
     # first, far from silent_pretraining: each must work 20 CPU seconds within the 40 s allowance on 2 shared cores
     "hidden_pretraining": HIDDEN_PRETRAINING,
     "peeks_except_where_checked": PEEKS_EXCEPT_WHERE_CHECKED,
@@ -933,13 +933,15 @@ def attacked(tmp_path_factory) -> Attacked:
     marker = tmp / "a-pickle-ran"
     ids = {}
     try:
+        # the broken first: the one that hangs through the whole start-up allowance then overlaps the attacks
+        # instead of running alone at the end (20-30 s of the launch)
+        broken_ids = submit_broken(tmp, root)
         for attack, source in ATTACKS.items():
             path = tmp / f"{attack}.py"
             path.write_text(source.replace("@MARKER@", str(marker)))
             done = scheduler(root, "submit", str(path), "--agent", "red-team", "-m", attack)
             assert done.returncode == 0, done.stderr
             ids[attack] = done.stdout.strip()
-        broken_ids = submit_broken(tmp, root)
         before, baseline, sources = outside_results(root), (root / "train.py").read_text(), scheduler_sources()
         started = time.monotonic()
         launch = BackgroundLaunch(root, tuple(LAUNCH[1:]), umask=-1)

@@ -296,10 +296,10 @@ def test_the_searcher_gives_a_candidates_first_run_the_curves_of_the_baselines_r
     assert refuted is None if mode == "on" else len(refuted["NVIDIA H200"]) == MIN_CURVES + 1
 
 
-def test_the_searcher_marks_a_source_already_scored_so_its_run_skips_the_early_export_check(tmp_path):
-    """A control run of a scored baseline, or a rerun of a candidate that scored, gets `exported_before`: its
-    export check at start-up (3-5 s on an H200) would repeat one that passed. A source whose runs all failed, or
-    a new one, does not."""
+def test_the_searcher_names_the_gpu_types_a_rerun_or_control_runs_source_scored_on(tmp_path):
+    """A control run of a scored baseline, or a rerun of a candidate that scored, gets `exported_on`: the GPU types
+    where its export check at start-up (3-5 s on an H200) would repeat one that passed. A source whose runs all
+    failed gets none, and a candidate's first run is never asked about (intake turns away a source seen before)."""
     from scheduler import queue, results
     from scheduler.layout import Layout
     from scheduler.search import QueueSearcher
@@ -310,10 +310,24 @@ def test_the_searcher_marks_a_source_already_scored_so_its_run_skips_the_early_e
     results.write_row(layout.results, {**control_row(falling()), "trial_id": "x-r1", "candidate_id": "x",
                                        "kind": "candidate", "source_sha256": "f" * 64, "status": "export_failed"})
     searcher = QueueSearcher(str(tmp_path), str(layout.data), {"budget": BUDGET, "early_stop": "shadow"}, False)
-    marked = {sha[0]: searcher._config(layout, queue.Entry(trial_id="t", candidate_id="c", kind="control",
-                                                             source_sha256=sha), "b", BASELINE_SHA)["exported_before"]
-              for sha in (BASELINE_SHA, "f" * 64, "e" * 64)}
-    assert marked == {BASELINE_SHA[0]: True, "f": False, "e": False}
+
+    def config(kind: str, sha: str) -> dict:
+        entry = queue.Entry(trial_id="t", candidate_id="c", kind=kind, source_sha256=sha)
+        return searcher._config(layout, entry, "b", BASELINE_SHA)
+
+    assert config("control", BASELINE_SHA)["exported_on"] == ["NVIDIA H200"]
+    assert config("confirm", "f" * 64)["exported_on"] == [] and config("control", "e" * 64)["exported_on"] == []
+    assert "exported_on" not in config("candidate", BASELINE_SHA)
+
+
+def test_the_catch_up_credit_reaches_back_over_a_window_without_a_line():
+    """A slow-stepping model may print no progress line in some windows: its pace is measured from the last
+    window it has, per window."""
+    base, first = falling(), round(MIN_FRACTION * CURVE_WINDOWS) - 1
+    closing = with_gaps(base, {first - 2: 0.40, first: 0.20, first + 2: 0.10, first + 4: 0.02})
+    for i in (first - 1, first + 1, first + 3):
+        closing[i] = None
+    assert catching_up(closing, controls(base), first) and stop_window(closing, controls(base)) is None
 
 
 @pytest.mark.slow

@@ -132,10 +132,15 @@ def test_candidate_environment_is_an_allowlist(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     config = {"omp_threads": 1, "data_dir": str(tmp_path / "data"), "budget": 3.0, "seed": 0, "device": "cpu",
               "runs_dir": str(tmp_path / "runs"), "trial_id": "t-r1"}
-    env = candidate_env(config, tmp_path / "out")
+    env = candidate_env(config, tmp_path / "out", "cpu")
     assert set(env) <= set(PASSED_ENV) | TRIAL_ENV
     assert "do-not-pass" not in env.values() and "RAY_ADDRESS" not in env
     assert not [value for value in env.values() if "val.bin" in value or "test.bin" in value]
+    # the early export check is skipped only on a GPU type the source was handed over on before
+    assert env["SCHEDULER_EXPORTED"] == "0"
+    scored = {**config, "exported_on": ["NVIDIA H200"]}
+    assert candidate_env(scored, tmp_path / "out", "NVIDIA H200")["SCHEDULER_EXPORTED"] == "1"
+    assert candidate_env(scored, tmp_path / "out", "NVIDIA A100-SXM4-80GB")["SCHEDULER_EXPORTED"] == "0"
 
 
 def test_the_trial_clock_allows_the_start_up_then_the_budget_and_a_margin(monkeypatch):
