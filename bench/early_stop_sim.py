@@ -68,6 +68,11 @@ CPU_VARIANTS = {
     "dim 48": dict(MODEL_DIM=48),
     "depth 2": dict(MODEL_DEPTH=2),
     "learning rates x2": dict(LEARNING_RATE=4e-3, MUON_LEARNING_RATE=4e-3),
+    # added for a fourth run, after the third had tested the credit: more ideas that change how a curve starts
+    "dim 96": dict(MODEL_DIM=96),
+    "heads 4": dict(MODEL_HEADS=4),
+    "no weight decay": dict(WEIGHT_DECAY=0.0),
+    "learning rates x1.5": dict(LEARNING_RATE=3e-3, MUON_LEARNING_RATE=3e-3),
 }
 
 

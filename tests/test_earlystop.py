@@ -145,7 +145,8 @@ def test_the_control_runs_spread_widens_the_line():
 
 
 @pytest.mark.parametrize("folder, budget", [("h200-300s", 300.0), ("h200-60s", 60.0), ("cpu-20s/run1", None),
-                                            ("cpu-20s/run2", None), ("cpu-20s/run3", None)])
+                                            ("cpu-20s/run2", None), ("cpu-20s/run3", None),
+                                            ("cpu-20s/run4", None)])
 def test_on_the_recorded_curves_the_rule_meets_issue_22s_bar(folder, budget):
     """bench/curves holds the H200 launches' logs and the CPU launches' rows: the rule, replayed as
     bench/early_stop_sim.py does with the control runs' measured sigma, stops no run that ended within 3 sigma of
