@@ -11,6 +11,7 @@ On exit no trial process is left running.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -150,6 +151,8 @@ def launch(opts: LaunchOptions) -> int:
     # Tune's own per-trial logs (result.json, progress.csv, TensorBoard) repeat the trial's config, train.py's
     # source included, at every progress report: 3 MB for a 300 s trial, read by nothing (the rows are ours)
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # without them, Tune's closing summary finds no result.json and warns with a line for every trial of the launch
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     layout = Layout.at(opts.root, opts.data_dir)
     if not layout.baseline.exists():
         raise LaunchError(f"no train.py in {layout.root}: run launch in the project folder or pass --root")
