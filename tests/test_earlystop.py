@@ -4,6 +4,7 @@ training, but for one trial run by run_trial in each mode (slow)."""
 from __future__ import annotations
 
 import math
+import random
 import sys
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import pytest
 # bench/ holds scripts, not a package: `from bench import` failed under plain `pytest` (the root is not on its path)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import early_stop_sim as sim  # noqa: E402  (it puts the repo root on the path too)
+from scheduler import earlystop  # noqa: E402
 from scheduler.earlystop import (CONFIRM_WINDOWS, CURVE_WINDOWS, MARGIN_EARLY, MARGIN_LATE, MIN_CURVES,  # noqa: E402
-                                 MIN_FRACTION, Curve, catching_up, EarlyStop, Reference, references, stop_window, usable_control,
-                                 window_end)
+                                 MIN_FRACTION, Curve, EarlyStop, Reference, catching_up, references, stop_window,
+                                 usable_control, window_end)
 from scheduler.protocol import PROGRESS_TAG  # noqa: E402
 
 BUDGET = 300.0
@@ -136,6 +138,26 @@ def test_a_curve_closing_its_gap_fast_is_not_stopped_one_holding_it_is():
     # closing, but slowly (a learning rate far too low): a quarter of its pace leaves it far above at the end
     slow = with_gaps(base, {i: 0.30 - 0.01 * i for i in range(CURVE_WINDOWS)})
     assert stop_window(slow, controls(base)) == first + CONFIRM_WINDOWS - 1
+
+
+def test_forged_reference_curves_cannot_make_the_credit_stop_what_the_rule_without_it_would_not(monkeypatch):
+    """A baseline's code prints its control runs' curves. One window printed high shrinks a candidate's gap there
+    and denies it the credit in the next (shown first); but the credit only turns windows above the line into
+    windows below it, so whatever the reference, the rule stops no earlier than it did without the credit."""
+    base, first = falling(), round(MIN_FRACTION * CURVE_WINDOWS) - 1
+    closing = with_gaps(base, {first - 1: 0.30, first: 0.20, first + 1: 0.10, first + 2: 0.05})
+    forged = [*base]
+    forged[first - 1] *= 1.30  # the candidate looks level there, so not closing at `first`
+    assert catching_up(closing, controls(base), first) and not catching_up(closing, controls(forged), first)
+    rng = random.Random(0)
+    for _ in range(300):
+        reference = controls([v * rng.uniform(0.7, 1.3) for v in base])
+        curve = [v * rng.uniform(0.8, 1.6) if rng.random() > 0.1 else None for v in base]
+        with_credit = stop_window(curve, reference)
+        monkeypatch.setattr(earlystop, "CATCH_UP", 0.0)  # no credit: a window above the line is above MARGIN_LATE
+        without = stop_window(curve, reference)
+        monkeypatch.undo()
+        assert with_credit is None or (without is not None and with_credit >= without), (curve, reference)
 
 
 def test_the_control_runs_spread_widens_the_line():
