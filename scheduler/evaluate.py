@@ -17,7 +17,7 @@ same weights give the same figure every time.
 It writes RESULT_JSON (atomically, after each split) with the figures it made
 itself: val_bpc, test_bpc, bytes scored, seconds, the program's parameters and
 forward FLOPs, the rows checked for causality; and train_bpc, the model's score
-on TRAIN_SAMPLE_WINDOWS windows of the train split from secret places (text it
+on windows of the train split from secret places (train_sample_windows: text it
 trained on; drawn after "go", and checked for causality like the splits), which
 anchors the training's own loss curve (earlystop.usable_control). OUT_DIR/train_stats.json, what
 the training says of itself, is read for the printed summary only.
@@ -73,7 +73,11 @@ MAX_CLAIM_STRING = 64
 # on, which a control run's training-loss curve must not claim to beat by much (earlystop.usable_control). Spread
 # over the split like training batches: one contiguous 64 KiB stretch scored 1.06 and 1.22 bpc for two runs of
 # the same model whose training loss ended at 0.75 (H200, proxy corpus, 60 s), its text unlike the split's mean.
-TRAIN_SAMPLE_WINDOWS = 64
+# And many of them: 64 windows put two 300 s H200 runs at 11% below and 11% above their last training loss (the
+# model has memorised some of the text and not the rest); a fifth of the validation split (976 windows of
+# enwik8's 5 MB, about 0.9 s of scoring on an H200) narrows that about four-fold.
+TRAIN_SAMPLE_SHARE = 5           # the sample is this fraction (1 / 5) of the validation split's windows ...
+MIN_TRAIN_SAMPLE_WINDOWS = 64    # ... and at least this many windows
 
 
 class EvalError(Exception):
@@ -239,16 +243,21 @@ def load_split(split_file: Path, device: torch.device) -> torch.Tensor:
     return data
 
 
-def load_train_sample(train_file: Path, device: torch.device) -> torch.Tensor | None:
-    """TRAIN_SAMPLE_WINDOWS windows of WINDOW bytes of the train split, from places the candidate cannot know, one
-    after another (each window's last target is the next one's first byte: one byte in WINDOW scored out of its
+def train_sample_windows(val_bytes: int) -> int:
+    """How many windows of the train split anchor the curve: a fifth of the validation split's, at least 64."""
+    return max(MIN_TRAIN_SAMPLE_WINDOWS, val_bytes // WINDOW // TRAIN_SAMPLE_SHARE)
+
+
+def load_train_sample(train_file: Path, device: torch.device, windows: int) -> torch.Tensor | None:
+    """`windows` windows of WINDOW bytes of the train split, from places the candidate cannot know, one after
+    another (each window's last target is the next one's first byte: one byte in WINDOW scored out of its
     context, which on average raises the figure a little and loosens the anchor by as much); None without a split
     that holds a window."""
     size = train_file.stat().st_size if train_file.is_file() else 0
     if size <= WINDOW:
         return None
     split = np.memmap(train_file, dtype=np.uint8, mode="r")
-    starts = [secrets.randbelow(size - WINDOW + 1) for _ in range(TRAIN_SAMPLE_WINDOWS)]
+    starts = [secrets.randbelow(size - WINDOW + 1) for _ in range(windows)]
     return torch.from_numpy(np.concatenate([split[start:start + WINDOW] for start in starts])).to(device)
 
 
@@ -365,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                 # not a score: the anchor of the training's curve, after the timings. Drawn only now, after "go",
                 # when the training is gone: its sandbox reads the same train.bin, and the pages this read brings
                 # into the page cache (mincore, RWF_NOWAIT) would show a candidate running beside it the places
-                train_sample = load_train_sample(args.data_dir / "train.bin", device)
+                windows = train_sample_windows(len(data[split]))
+                train_sample = load_train_sample(args.data_dir / "train.bin", device, windows)
                 if train_sample is not None:  # checked too: a model that knows its train text could peek there alone
                     trained = causal(score(program, train_sample, device), "the train split's sample").bpc
                     result["train_bpc"] = round(trained, 6) if math.isfinite(trained) else None
