@@ -198,13 +198,13 @@ def test_a_good_program_is_scored(tmp_path, data_dir, capsys):
 def test_the_train_sample_is_windows_of_the_train_split_from_places_the_candidate_cannot_know(data_dir):
     """train_bpc anchors a control run's own loss curve: windows of the train split, drawn afresh each time."""
     train = (data_dir / "train.bin").read_bytes()
-    windows = evaluate.train_sample_windows((data_dir / "val.bin").stat().st_size)
-    samples = [evaluate.load_train_sample(data_dir / "train.bin", CPU, windows).numpy().tobytes() for _ in range(2)]
-    size = windows * protocol.WINDOW
+    count = evaluate.train_sample_windows((data_dir / "val.bin").stat().st_size)
+    samples = [evaluate.load_train_sample(data_dir / "train.bin", CPU, count).numpy().tobytes() for _ in range(2)]
+    size = count * protocol.WINDOW
     assert all(len(sample) == size for sample in samples) and samples[0] != samples[1]
     windows = [samples[0][i:i + protocol.WINDOW] for i in range(0, size, protocol.WINDOW)]
     assert all(window in train for window in windows) and len({train.index(w) for w in windows}) > 1
-    assert evaluate.load_train_sample(data_dir / "missing.bin", CPU, windows) is None
+    assert evaluate.load_train_sample(data_dir / "missing.bin", CPU, count) is None
 
 
 def test_the_train_sample_is_a_fifth_of_the_validation_split_and_never_small():
